@@ -1,0 +1,85 @@
+"""Perplexity with the reference protocol (Wanda's ``lib/eval.py``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from wanda_pipeline.data import default_seqlen, load_documents, read_local_documents, wikitext2_test_tokens
+from wanda_pipeline.errors import DataError
+from wanda_pipeline.models import max_positions
+from wanda_pipeline.plugins import EvalResult, PluginConfig
+
+
+class PerplexityConfig(PluginConfig):
+    dataset: Literal["wikitext2", "c4"] = "wikitext2"
+    path: str | None = Field(None, description="a local file instead of the named dataset")
+    seqlen: int | None = Field(None, gt=0)
+    windows: int | None = Field(None, gt=0, description="evaluate only the first K windows")
+    batch_size: int = Field(1, gt=0)
+    device: str = "cpu"
+
+
+def eval_tokens(dataset: str, tokenizer: Any, seqlen: int, path: str | None = None) -> torch.Tensor:
+    if dataset == "wikitext2":
+        return wikitext2_test_tokens(tokenizer, path)
+    # Reference C4: the first 1100 validation documents joined by spaces, at most 256 windows.
+    docs = read_local_documents(Path(path)) if path else load_documents("c4", "validation")
+    return tokenizer(" ".join(docs[:1100]), return_tensors="pt").input_ids[:, : 256 * seqlen]
+
+
+def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, windows: int | None = None,
+               batch_size: int = 1, device: str = "cpu", progress: bool = True) -> tuple[float, int]:
+    """Non-overlapping ``seqlen`` windows; the mean of each window's mean NLL; exp.
+
+    Returns (perplexity, windows used)."""
+    total = tokens.numel() // seqlen
+    n = min(total, windows) if windows else total
+    if n == 0:
+        raise DataError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    tokens = tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen)
+    loss_fct = nn.CrossEntropyLoss()
+    nll = torch.zeros((), dtype=torch.float64)
+    model_device = next(model.parameters()).device
+    if str(model_device) != device:
+        model.to(device)
+    with torch.no_grad():
+        for i in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, leave=False):
+            batch = tokens[i : i + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            loss = loss_fct(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+            nll += loss.double().cpu() * seqlen * batch.shape[0]
+    if str(model_device) != device:
+        model.to(model_device)
+    return math.exp(float(nll / (n * seqlen))), n
+
+
+class PerplexityEvaluator:
+    Config: ClassVar[type[PerplexityConfig]] = PerplexityConfig
+
+    def __init__(self, config: PerplexityConfig | None = None):
+        self.config = config or PerplexityConfig()
+
+    def evaluate(self, model: nn.Module, tokenizer: Any) -> EvalResult:
+        c = self.config
+        seqlen = default_seqlen(max_positions(model), c.seqlen)
+        tokens = eval_tokens(c.dataset, tokenizer, seqlen, c.path)
+        ppl, used = perplexity(model, tokens, seqlen, c.windows, c.batch_size, c.device)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        protocol = {
+            "dataset": c.path or c.dataset,
+            "split": "test" if c.dataset == "wikitext2" else "validation",
+            "seqlen": seqlen,
+            "windows": used,
+            "windows_available": tokens.numel() // seqlen,
+            "tokens": used * seqlen,
+            "dtype": dtype,
+            "join": "\\n\\n" if c.dataset == "wikitext2" else " ",
+        }
+        return EvalResult(metrics={f"ppl_{c.dataset}": ppl}, protocol=protocol)

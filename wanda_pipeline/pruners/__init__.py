@@ -1,0 +1,1 @@
+"""Built-in pruners: thin classes over ``wanda_pipeline.sparsity``."""
