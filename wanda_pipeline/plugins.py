@@ -81,10 +81,16 @@ class Evaluator(Protocol):
 
 @runtime_checkable
 class Quantizer(Protocol):
+    """Quantises one linear weight (out_features, in_features) and returns the new
+    (dequantised) weight; the quantize stage applies it layer by layer and checks that
+    every pruned zero stays zero."""
+
     Config: ClassVar[type[PluginConfig]]
     config: PluginConfig
 
-    def quantize(self, model: torch.nn.Module, include: str | None = None) -> dict[str, float]: ...
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor: ...
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float: ...
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Write a pruned model as safetensors with its tokenizer and a provenance file, and
+optionally in a compact sparse form (non-zero values plus a bitmask)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PROVENANCE_FILE = "wanda_provenance.json"
+SPARSE_FILE = "sparse_weights.safetensors"
+SPARSE_FORMAT = "wanda-pipeline/bitmask-v1"
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any]) -> Path:
+    """``save_pretrained`` in safetensors, plus ``wanda_provenance.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def read_provenance(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def pack_sparse(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A weight as its non-zero values (row-major order) and a packed bitmask of where they go."""
+    flat = weight.detach().reshape(-1)
+    keep = flat != 0
+    pad = (-keep.numel()) % 8
+    bits = torch.cat([keep, keep.new_zeros(pad)]).reshape(-1, 8).to(torch.uint8)
+    packed = (bits << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+    return {"values": flat[keep].contiguous(), "bitmask": packed}
+
+
+def unpack_sparse(values: torch.Tensor, bitmask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = 1
+    for s in shape:
+        numel *= s
+    bits = (bitmask.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    keep = bits.reshape(-1)[:numel].bool()
+    out = torch.zeros(numel, dtype=values.dtype)
+    out[keep] = values
+    return out.reshape(shape)
+
+
+def save_sparse(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any],
+                min_sparsity: float = 0.25) -> Path:
+    """Like :func:`save_model`, but 2-D weights that are at least ``min_sparsity`` zero are
+    stored as values + bitmask in ``sparse_weights.safetensors``; the rest stay dense.
+    Load it back with :func:`load_sparse`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    seen: dict[int, str] = {}
+    dense, sparse, shapes = {}, {}, {}
+    for name, tensor in state.items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:  # tied weights (embeddings / lm_head) are stored once
+            continue
+        seen[ptr] = name
+        if tensor.ndim == 2 and float((tensor == 0).float().mean()) >= min_sparsity:
+            packed = pack_sparse(tensor)
+            sparse[f"{name}.values"] = packed["values"]
+            sparse[f"{name}.bitmask"] = packed["bitmask"]
+            shapes[name] = list(tensor.shape)
+        else:
+            dense[name] = tensor.contiguous()
+    save_file(dense, str(out / "dense_weights.safetensors"))
+    save_file(sparse, str(out / SPARSE_FILE), metadata={"format": SPARSE_FORMAT, "shapes": json.dumps(shapes)})
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def load_sparse(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Rebuild a model saved by :func:`save_sparse` (config + dense part + unpacked sparse part)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = load_file(str(path / "dense_weights.safetensors"))
+    with safe_open(str(path / SPARSE_FILE), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != SPARSE_FORMAT:
+            raise ValueError(f"{path / SPARSE_FILE} is not a {SPARSE_FORMAT} file")
+        for name, shape in json.loads(meta["shapes"]).items():
+            state[name] = unpack_sparse(f.get_tensor(f"{name}.values"), f.get_tensor(f"{name}.bitmask"), tuple(shape))
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = {n for n, p in model.named_parameters() if any(p is q for m, q in model.named_parameters() if m in state)}
+    missing = [n for n in result.missing_keys if n not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"sparse checkpoint does not match the config: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def folder_bytes(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
