@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.runtime import flow_run
 
 from wanda_pipeline import __version__, stages
-from wanda_pipeline.config import PipelineSpec, PipelinesFile, apply_overrides
+from wanda_pipeline.config import PipelinesFile, PipelineSpec, apply_overrides
 from wanda_pipeline.data import Windows, load_documents
 from wanda_pipeline.errors import ConfigError, DataError
 from wanda_pipeline.models import resolve_source
@@ -62,7 +62,8 @@ def load_task(spec: PipelineSpec) -> stages.Loaded:
     return loaded
 
 
-@task(name="calibrate", cache_policy=CacheKeyFnPolicy(cache_key_fn=_windows_key), cache_expiration=timedelta(days=30), persist_result=True)
+@task(name="calibrate", cache_policy=CacheKeyFnPolicy(cache_key_fn=_windows_key),
+      cache_expiration=timedelta(days=30), persist_result=True)
 def calibrate_task(spec, loaded: stages.Loaded) -> Windows:
     windows = stages.calibrate(spec, loaded)
     get_run_logger().info("calibration: %d x %d tokens from %s, digest %s", windows.nsamples, windows.seqlen,

@@ -66,7 +66,9 @@ class OutlierScan:
         return False
 
 
-def block_ratios(config: AllocationConfig, n_blocks: int, target: float, outliers: list[float] | None = None) -> list[float]:
+def block_ratios(
+    config: AllocationConfig, n_blocks: int, target: float, outliers: list[float] | None = None
+) -> list[float]:
     if config.method == "uniform":
         return [target] * n_blocks
     if config.method == "per_layer":

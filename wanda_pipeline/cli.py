@@ -125,7 +125,8 @@ def cmd_validate(args) -> int:
 def cmd_list(args) -> int:
     doc = _load_file(args, with_plugins=False)
     rows = [{"pipeline": n, "model": p.model.source, "pruner": p.pruner.name,
-             "sparsity": p.pruner.options().get("sparsity", 0.5), "pattern": p.pruner.options().get("pattern", "unstructured"),
+             "sparsity": p.pruner.options().get("sparsity", 0.5),
+             "pattern": p.pruner.options().get("pattern", "unstructured"),
              "quantizer": p.quantizer.name if p.quantizer else "-",
              "schedule": f"{p.schedule.cron} ({p.schedule.timezone})" if p.schedule else "-",
              "description": p.description} for n, p in doc.pipelines.items()]

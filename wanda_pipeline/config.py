@@ -220,14 +220,15 @@ def parse_document(raw: Any, registry=None, origin: str = DEFAULT_FILE) -> Pipel
         if not isinstance(body, dict):
             problems.append(f"{prefix}: must be a mapping")
             continue
+        merged = deep_merge(defaults, body)
+        if registry is not None:
+            cfg, plug = check_plugins(merged, registry, prefix)
+            problems.extend(cfg)
+            plugin_problems.extend(plug)
         try:
-            spec = PipelineSpec(**deep_merge(defaults, body))
+            pipelines[str(name)] = PipelineSpec(**merged)
         except ValidationError as exc:
             problems.extend(_pydantic_problems(exc, prefix))
-            continue
-        pipelines[str(name)] = spec
-        if registry is not None:
-            plugin_problems.extend(check_plugins(spec, registry, prefix))
 
     sweeps: dict[str, SweepSpec] = {}
     for name, body in (raw.get("sweeps") or {}).items():
@@ -251,19 +252,29 @@ def parse_document(raw: Any, registry=None, origin: str = DEFAULT_FILE) -> Pipel
     return PipelinesFile(version=1, defaults=defaults, pipelines=pipelines, sweeps=sweeps)
 
 
-def check_plugins(spec: PipelineSpec, registry, prefix: str) -> list[str]:
-    """Every plugin named exists and accepts its options."""
-    out = []
-    entries = [("pruner", "pruner", spec.pruner)]
-    if spec.quantizer is not None:
-        entries.append(("quantizer", "quantizer", spec.quantizer))
-    entries += [("evaluator", f"evaluators.{i}", e) for i, e in enumerate(spec.evaluators)]
+def check_plugins(body: dict, registry, prefix: str) -> tuple[list[str], list[str]]:
+    """Every plugin a (merged, raw) pipeline names exists and accepts its options.
+    Returns (config problems, plugin problems)."""
+    config_problems, plugin_problems = [], []
+    entries = [("pruner", "pruner", body.get("pruner"))]
+    if body.get("quantizer") is not None:
+        entries.append(("quantizer", "quantizer", body.get("quantizer")))
+    evaluators = body.get("evaluators", [{"name": "sparsity"}])
+    if isinstance(evaluators, list):
+        entries += [("evaluator", f"evaluators.{i}", e) for i, e in enumerate(evaluators)]
     for kind, where, plugin in entries:
+        if not isinstance(plugin, dict) or not isinstance(plugin.get("name"), str):
+            continue  # the schema check reports it
         try:
-            registry.create(kind, plugin.name, plugin.options())
-        except (ConfigError, PluginError) as exc:
-            out.append(f"{prefix}.{where}: {exc}")
-    return out
+            cls = registry.get(kind, plugin["name"])
+        except PluginError as exc:
+            plugin_problems.append(f"{prefix}.{where}.name: {exc}")
+            continue
+        try:
+            cls.Config(**{k: v for k, v in plugin.items() if k != "name"})
+        except ValidationError as exc:
+            config_problems.extend(_pydantic_problems(exc, f"{prefix}.{where}"))
+    return config_problems, plugin_problems
 
 
 def load_file(path: str | Path = DEFAULT_FILE, registry=None) -> PipelinesFile:

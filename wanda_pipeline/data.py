@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def read_local_documents(path: Path) -> list[str]:
         return docs
     if path.suffix in (".txt", ".raw"):
         text = path.read_text(encoding="utf-8")
-        return [d for d in text.split("\n\n") if d.strip()]
+        return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
     raise ConfigError(f"unsupported data file {path.name}: use .jsonl (with a 'text' field) or .txt")
 
 

@@ -160,7 +160,7 @@ class LayerEngine:
     def _forward(self, block: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict]) -> list[torch.Tensor]:
         outs = []
         with torch.no_grad():
-            for hidden, kwargs in zip(inputs, kwargs_list):
+            for hidden, kwargs in zip(inputs, kwargs_list, strict=True):
                 out = _hidden(block(hidden.to(self.device), **_to(kwargs, self.device)))
                 outs.append(out.detach().to(self.store_device))
         return outs

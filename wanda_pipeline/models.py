@@ -209,12 +209,12 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2) -> nn.Module:
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, vocab_size: int = 128) -> nn.Module:
     """A tiny random model for tests and demos, built from a config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=128)
+    common = dict(vocab_size=vocab_size)
     if family == "llama":
         cfg = AutoConfig.for_model(
             "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

@@ -76,7 +76,7 @@ class Evaluator(Protocol):
     Config: ClassVar[type[PluginConfig]]
     config: PluginConfig
 
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> "EvalResult": ...
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> EvalResult: ...
 
 
 @runtime_checkable

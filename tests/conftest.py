@@ -1,0 +1,108 @@
+"""Shared fixtures. The environment is made offline and quiet before anything imports
+Prefect, MLflow or the hub libraries."""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_TASKS_DEFAULT_NO_CACHE": "true",
+    "TQDM_DISABLE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from wanda_pipeline.settings import data_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = data_dir()
+HAVE_DATA = DATA is not None and (DATA / "c4").exists()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="set WANDA_DATA_DIR to the shared data folder")
+
+
+@pytest.fixture(scope="session")
+def data() -> Path:
+    if not HAVE_DATA:
+        pytest.skip("set WANDA_DATA_DIR to the shared data folder")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from wanda_pipeline.models import demo_model_dir
+
+    return demo_model_dir("smollm2-135m")
+
+
+@pytest.fixture()
+def smollm2(smollm2_dir):
+    """A fresh (model, tokenizer, info) of the real demo model; tests may prune it."""
+    from wanda_pipeline.models import load_model
+
+    return load_model(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def bin_path(name: str) -> str:
+    found = Path(sys.executable).parent / name
+    return str(found) if found.exists() else shutil.which(name)
+
+
+@pytest.fixture()
+def tokens_gen():
+    def make(vocab: int, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+        return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+    return make

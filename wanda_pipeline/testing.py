@@ -1,0 +1,136 @@
+"""The pruner conformance kit. A plugin author runs every check on their pruner with::
+
+    from wanda_pipeline.testing import PrunerConformance
+
+    class TestMyPruner(PrunerConformance):
+        pruner_class = MyPruner
+
+pytest collects the ``test_*`` methods below. Checks: the exact sparsity is reached, the
+N:M pattern is respected, weights outside the mask are untouched, runs are deterministic,
+bad settings are rejected, and the pruner works inside the layer engine on a tiny model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from wanda_pipeline.plugins import PrunerConfig
+
+SHAPES = [(16, 64), (24, 40)]
+PATTERNS = ["unstructured", "2:4", "4:8"]
+
+
+def make_stats(names: set[str], weight: torch.Tensor, seed: int = 0, tokens: int = 64) -> dict[str, torch.Tensor]:
+    """Statistics a pruner may declare, computed from random activations by plain formulas."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, weight.shape[1], generator=g) * torch.rand(weight.shape[1], generator=g) * 3
+    stats = {}
+    if "col_sq_norm" in names:
+        stats["col_sq_norm"] = (x * x).sum(0) / tokens
+    if "gram" in names:
+        stats["gram"] = 2.0 / tokens * x.T @ x
+    unknown = names - {"col_sq_norm", "gram"}
+    if unknown:
+        raise ValueError(f"the conformance kit cannot fake statistics {sorted(unknown)}")
+    return stats
+
+
+def random_weight(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def expected_pruned(numel_row: int, rows: int, sparsity: float, pattern: str) -> int | None:
+    """Exact number of pruned weights the pattern implies, or None if the pruner may choose."""
+    if pattern == "unstructured":
+        return None
+    n, m = (int(p) for p in pattern.split(":"))
+    return rows * (numel_row // m) * n
+
+
+class PrunerConformance:
+    """Mix into a pytest test class and set ``pruner_class`` (and ``options`` if needed)."""
+
+    pruner_class: ClassVar[type]
+    options: ClassVar[dict[str, Any]] = {}
+    patterns: ClassVar[list[str]] = PATTERNS
+    sparsities: ClassVar[list[float]] = [0.3, 0.5, 0.7]
+
+    def make(self, **overrides):
+        return self.pruner_class(self.pruner_class.Config(**{**self.options, **overrides}))
+
+    def run_once(self, pruner, shape, seed=0, sparsity=None):
+        weight = random_weight(shape, seed)
+        original = weight.clone()
+        stats = make_stats(set(pruner.required_stats()), weight, seed)
+        s = pruner.config.sparsity if sparsity is None else sparsity
+        mask = pruner.prune(weight, stats, s)
+        return original, weight, mask
+
+    def test_config_is_strict_pruner_config(self):
+        assert issubclass(self.pruner_class.Config, PrunerConfig)
+        assert self.pruner_class.Config.model_config.get("extra") == "forbid"
+
+    def test_mask_is_bool_of_weight_shape(self):
+        _, weight, mask = self.run_once(self.make(), SHAPES[0])
+        assert mask.dtype == torch.bool and mask.shape == weight.shape
+
+    def test_exact_unstructured_sparsity(self):
+        for shape in SHAPES:
+            for s in self.sparsities:
+                pruner = self.make(sparsity=s, pattern="unstructured")
+                _, _, mask = self.run_once(pruner, shape, sparsity=s)
+                rows, cols = shape
+                # Per-row (Wanda-style) rounding gives rows*int(cols*s); per-layer gives int(numel*s).
+                allowed = {rows * int(cols * s), int(rows * cols * s)}
+                assert int(mask.sum()) in allowed, (shape, s, int(mask.sum()), allowed)
+
+    def test_nm_pattern_respected(self):
+        for pattern in self.patterns:
+            if pattern == "unstructured":
+                continue
+            n, m = (int(p) for p in pattern.split(":"))
+            pruner = self.make(pattern=pattern)
+            for shape in SHAPES:
+                _, weight, mask = self.run_once(pruner, shape)
+                full = (shape[1] // m) * m
+                groups = mask[:, :full].reshape(shape[0], -1, m).sum(-1)
+                assert bool((groups == n).all()), f"{pattern}: every group of {m} must lose exactly {n}"
+                assert int(mask.sum()) == expected_pruned(shape[1], shape[0], 0, pattern)
+
+    def test_weights_outside_mask_untouched(self):
+        pruner = self.make()
+        original, weight, mask = self.run_once(pruner, SHAPES[0])
+        if getattr(pruner, "updates_weights", False):
+            return  # pruners that reconstruct (SparseGPT) may legitimately change kept weights
+        assert torch.equal(weight, original), "prune() must not edit the weight; return the mask"
+        applied = original.clone()
+        applied[mask] = 0
+        assert torch.equal(applied[~mask], original[~mask])
+
+    def test_deterministic(self):
+        a = self.run_once(self.make(), SHAPES[1], seed=3)
+        b = self.run_once(self.make(), SHAPES[1], seed=3)
+        assert torch.equal(a[2], b[2]) and torch.equal(a[1], b[1])
+
+    def test_rejects_bad_settings(self):
+        import pytest
+        from pydantic import ValidationError
+
+        for bad in ({"sparsity": 1.0}, {"sparsity": -0.1}, {"pattern": "4:2"}, {"pattern": "2:2"},
+                    {"pattern": "dense"}, {"no_such_option": 1}):
+            with pytest.raises(ValidationError):
+                self.pruner_class.Config(**{**self.options, **bad})
+
+    def test_prunes_a_tiny_model_in_the_engine(self):
+        from wanda_pipeline.engine import LayerEngine
+        from wanda_pipeline.evaluators.sparsity_report import sparsity_table, summarize
+        from wanda_pipeline.models import tiny_model
+        from wanda_pipeline.pruning import prune_model
+
+        model = tiny_model("llama", seed=0, layers=2)
+        tokens = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+        prune_model(model, tokens, self.make(sparsity=0.5), LayerEngine(progress=False))
+        total = summarize(sparsity_table(model))["sparsity_total"]
+        assert abs(total - 0.5) < 0.02, total
