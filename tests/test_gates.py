@@ -1,0 +1,37 @@
+"""Quality gates are pure functions of the metrics."""
+
+from wanda_pipeline.config import GateSpec
+from wanda_pipeline.tracking.gates import evaluate_gates
+
+PRUNED = {"ppl_wikitext2": 26.0, "sparsity_total": 0.5, "zeroshot_mean": 0.50}
+DENSE = {"ppl_wikitext2": 20.0, "zeroshot_mean": 0.52}
+
+
+def by_name(results):
+    return {g.name: g for g in results}
+
+
+def test_all_gates_pass():
+    gates = GateSpec(max_ppl_ratio=1.3, min_zeroshot_ratio=0.95, beat_champion="ppl_wikitext2")
+    res = by_name(evaluate_gates(gates, PRUNED, DENSE, 0.5, champion={"ppl_wikitext2": 27.0}))
+    assert all(g.passed for g in res.values()) and set(res) == {"max_ppl_ratio", "min_zeroshot_ratio",
+                                                                 "min_sparsity", "beat_champion"}
+    assert "1.300x" in res["max_ppl_ratio"].detail
+
+
+def test_each_gate_can_fail():
+    assert not by_name(evaluate_gates(GateSpec(max_ppl_ratio=1.29), PRUNED, DENSE, 0.5))["max_ppl_ratio"].passed
+    zs = evaluate_gates(GateSpec(min_zeroshot_ratio=0.97), PRUNED, DENSE, 0.5)
+    assert not by_name(zs)["min_zeroshot_ratio"].passed  # 0.50/0.52 = 0.9615
+    assert not by_name(evaluate_gates(GateSpec(), PRUNED, DENSE, 0.6))["min_sparsity"].passed
+    champ = evaluate_gates(GateSpec(beat_champion="ppl_wikitext2"), PRUNED, DENSE, 0.5, {"ppl_wikitext2": 25.0})
+    assert not by_name(champ)["beat_champion"].passed
+    higher = GateSpec(beat_champion="zeroshot_mean", lower_is_better=False)
+    assert by_name(evaluate_gates(higher, PRUNED, DENSE, 0.5, {"zeroshot_mean": 0.49}))["beat_champion"].passed
+
+
+def test_missing_metrics_fail_closed():
+    res = by_name(evaluate_gates(GateSpec(max_ppl_ratio=2.0), {"sparsity_total": 0.5}, {}, 0.5))
+    assert not res["max_ppl_ratio"].passed
+    assert by_name(evaluate_gates(GateSpec(beat_champion="ppl_wikitext2"), PRUNED, DENSE, 0.5, None))[
+        "beat_champion"].passed  # no champion yet: the first one wins
