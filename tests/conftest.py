@@ -106,3 +106,29 @@ def tokens_gen():
         return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A tiny random LLaMA with the real SmolLM2 tokenizer, saved as a local model folder."""
+    from wanda_pipeline.models import tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", seed=0, layers=2, vocab_size=len(smollm2_tokenizer)).save_pretrained(out)
+    smollm2_tokenizer.save_pretrained(out)
+    return out
+
+
+def quick_spec(source: str, tracking_uri: str | None = None, **over) -> dict:
+    """A pipeline spec small enough for a CPU test: few calibration and evaluation windows."""
+    spec = {
+        "model": {"source": source},
+        "calibration": {"source": "c4", "nsamples": 4, "seqlen": 128, "seed": 0},
+        "pruner": {"name": "wanda", "sparsity": 0.5},
+        "evaluators": [{"name": "perplexity", "seqlen": 128, "windows": 3}, {"name": "sparsity"}],
+        "register": {"gates": {"max_ppl_ratio": 100.0, "beat_champion": "ppl_wikitext2"}},
+        "tracking": {"uri": tracking_uri, "experiment": "tests"},
+    }
+    for key, value in over.items():
+        spec[key] = value
+    return spec
