@@ -101,8 +101,9 @@ def load_sparse(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tu
             state[name] = unpack_sparse(f.get_tensor(f"{name}.values"), f.get_tensor(f"{name}.bitmask"), tuple(shape))
     result = model.load_state_dict(state, strict=False)
     model.tie_weights()
-    tied = {n for n, p in model.named_parameters() if any(p is q for m, q in model.named_parameters() if m in state)}
-    missing = [n for n in result.missing_keys if n not in tied]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[n]) for n in state if n in params}
+    missing = [n for n in result.missing_keys if n not in params or id(params[n]) not in loaded]  # tied are fine
     if missing or result.unexpected_keys:
         raise ValueError(f"sparse checkpoint does not match the config: missing {missing[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")

@@ -17,6 +17,9 @@ class GateResult:
         return asdict(self)
 
 
+SPARSITY_ROUNDING = 0.005
+
+
 def perplexity_key(metrics: dict[str, float]) -> str | None:
     return next((k for k in sorted(metrics) if k.startswith("ppl_")), None)
 
@@ -54,8 +57,9 @@ def evaluate_gates(
     if got is None:
         out.append(GateResult("min_sparsity", False, "no sparsity measured (add the 'sparsity' evaluator)"))
     else:
-        # The achieved fraction can sit a hair under the target from integer rounding per row.
-        out.append(GateResult("min_sparsity", got >= floor - 1e-3, f"sparsity {got:.4f} (minimum {floor:.4f})"))
+        # Per-row pruning rounds down to whole weights (int(C_in * s)), e.g. 0.2986 for 30% of 576 columns.
+        out.append(GateResult("min_sparsity", got >= floor - SPARSITY_ROUNDING,
+                              f"sparsity {got:.4f} (minimum {floor:.4f}, less {SPARSITY_ROUNDING} for rounding)"))
     if gates.beat_champion:
         key = gates.beat_champion
         if key not in metrics:
