@@ -53,8 +53,8 @@ def run_one(label: str, args) -> dict:
     """One method in this process: load, calibrate, prune, evaluate; stage times and peak RSS."""
     from wanda_pipeline import stages
     from wanda_pipeline.config import PipelineSpec
-    from wanda_pipeline.evaluators.perplexity import perplexity
     from wanda_pipeline.data import wikitext2_test_tokens
+    from wanda_pipeline.evaluators.perplexity import perplexity
     from wanda_pipeline.evaluators.sparsity_report import sparsity_table, summarize
     from wanda_pipeline.plugins import discover
 

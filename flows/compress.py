@@ -347,4 +347,8 @@ def sweep_points(doc: PipelinesFile, name: str) -> list[dict]:
 
 
 def run_sweep_by_name(doc: PipelinesFile, name: str, config_file: str | None = None) -> list[dict]:
-    return sweep(name, sweep_points(doc, name))
+    points = sweep_points(doc, name)
+    registry = discover()
+    for point in points:
+        stages.build_plugins(PipelineSpec(**point["spec"]), registry)
+    return sweep(name, points)

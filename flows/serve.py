@@ -9,6 +9,8 @@ from wanda_pipeline.errors import ConfigError
 
 
 def deployments(doc: PipelinesFile, names: list[str] | None = None) -> list:
+    from prefect.schedules import Cron
+
     from flows.compress import compress
 
     chosen = names or [n for n, p in doc.pipelines.items() if p.schedule]
@@ -20,7 +22,7 @@ def deployments(doc: PipelinesFile, names: list[str] | None = None) -> list:
         if spec.schedule is None:
             raise ConfigError(f"pipelines.{name} has no `schedule:`; add `schedule: {{cron: '0 3 * * 1'}}`")
         out.append(compress.to_deployment(
-            name=name, cron=spec.schedule.cron, timezone=spec.schedule.timezone,
+            name=name, schedules=[Cron(spec.schedule.cron, timezone=spec.schedule.timezone)],
             parameters={"pipeline": name, "spec": spec.model_dump(by_alias=True)},
             description=spec.description or f"wanda-pipeline {name}", tags=["wanda-pipeline"],
         ))

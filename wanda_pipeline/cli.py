@@ -155,7 +155,9 @@ def cmd_plugins(args) -> int:
 def cmd_run(args) -> int:
     from flows.compress import run_pipeline_by_name
 
-    doc = _load_file(args)
+    # The whole file must parse; plugins are checked for this pipeline only, so one broken
+    # plugin elsewhere in the file does not stop the others.
+    doc = _load_file(args, with_plugins=False)
     summary = run_pipeline_by_name(doc, args.name, args.set or [], args.file)
     _print_summary(summary)
     return 0
@@ -177,7 +179,7 @@ def _print_summary(summary: dict) -> None:
 def cmd_sweep(args) -> int:
     from flows.compress import run_sweep_by_name
 
-    doc = _load_file(args)
+    doc = _load_file(args, with_plugins=False)
     table = run_sweep_by_name(doc, args.name, args.file)
     _print_table(table, f"sweep {args.name}")
     return 0

@@ -196,7 +196,9 @@ class MLflowTracker:
             except Exception:
                 client.create_registered_model(name, description="Sparse models from wanda-pipeline")
             run_id = self._mlflow.active_run().info.run_id if self._mlflow.active_run() else None
-            mv = client.create_model_version(name, model_uri, run_id=run_id)
+            # MLflow 3 logged models live at models:/m-<id>; a server insists on the id as well.
+            model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+            mv = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
             version = mv.version
             for _ in range(60):
                 if client.get_model_version(name, version).status == "READY":
