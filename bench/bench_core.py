@@ -148,7 +148,8 @@ def main() -> None:
     lines = [f"# Core benchmark ({record['started']})", "", f"Command: `{record['command']}`", "",
              f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, "
              f"torch {record['machine']['torch']}, transformers {record['machine']['transformers']}", "",
-             "| method | sparsity | WikiText-2 ppl | x dense | load s | calibrate s | prune s | eval s | peak RSS GiB |",
+             "| method | sparsity | WikiText-2 ppl | x dense | load s | calibrate s | prune s | eval s "
+             "| peak RSS GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in record["runs"]:
         s = r["seconds"]
