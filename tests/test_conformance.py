@@ -2,6 +2,7 @@
 
 from wanda_pipeline.plugins import discover
 from wanda_pipeline.pruners.magnitude import MagnitudePruner
+from wanda_pipeline.pruners.sparsegpt import SparseGPTPruner
 from wanda_pipeline.pruners.wanda import WandaPruner
 from wanda_pipeline.testing import PrunerConformance
 
@@ -29,3 +30,8 @@ def test_built_ins_come_from_entry_points():
     assert reg.get("pruner", "wanda") is WandaPruner
     assert reg.get("pruner", "magnitude") is MagnitudePruner
     assert reg.plugins[("pruner", "wanda")].package == "wanda-pipeline"
+
+
+class TestSparseGPT(PrunerConformance):
+    pruner_class = SparseGPTPruner
+    options = {"blocksize": 8}
