@@ -1,0 +1,138 @@
+"""Methods benchmark (issue 5's table): SmolLM2-135M, the same calibration and evaluation for
+every row. Dense, magnitude, Wanda and SparseGPT at 50% unstructured, 2:4 and 4:8; Wanda and
+OWL+Wanda at 60% and 70%; Wanda 50% with int8 and int4 RTN.
+
+On CPU the evaluation is a fixed slice: the first K WikiText-2 windows of 2048 tokens and
+the first N examples of each zero-shot task. Both are recorded with the results.
+
+    python bench/bench_methods.py --eval-windows 8 --zeroshot-limit 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_core import machine  # noqa: E402
+
+ROWS = [
+    ("dense", None, None, None),
+    ("magnitude 50%", {"name": "magnitude", "sparsity": 0.5}, None, None),
+    ("wanda 50%", {"name": "wanda", "sparsity": 0.5}, None, None),
+    ("sparsegpt 50%", {"name": "sparsegpt", "sparsity": 0.5}, None, None),
+    ("magnitude 2:4", {"name": "magnitude", "pattern": "2:4"}, None, None),
+    ("wanda 2:4", {"name": "wanda", "pattern": "2:4"}, None, None),
+    ("sparsegpt 2:4", {"name": "sparsegpt", "pattern": "2:4"}, None, None),
+    ("magnitude 4:8", {"name": "magnitude", "pattern": "4:8"}, None, None),
+    ("wanda 4:8", {"name": "wanda", "pattern": "4:8"}, None, None),
+    ("sparsegpt 4:8", {"name": "sparsegpt", "pattern": "4:8"}, None, None),
+    ("wanda 60%", {"name": "wanda", "sparsity": 0.6}, None, None),
+    ("owl+wanda 60%", {"name": "wanda", "sparsity": 0.6}, {"method": "owl"}, None),
+    ("wanda 70%", {"name": "wanda", "sparsity": 0.7}, None, None),
+    ("owl+wanda 70%", {"name": "wanda", "sparsity": 0.7}, {"method": "owl"}, None),
+    ("wanda 50% + int8", {"name": "wanda", "sparsity": 0.5}, None, {"name": "rtn", "bits": 8}),
+    ("wanda 50% + int4", {"name": "wanda", "sparsity": 0.5}, None, {"name": "rtn", "bits": 4}),
+    ("wanda 50% (self calibration)", {"name": "wanda", "sparsity": 0.5}, None, None),
+]
+SELF_CALIBRATION = {"wanda 50% (self calibration)"}
+
+
+def main() -> None:
+    from wanda_pipeline import stages
+    from wanda_pipeline.config import PipelineSpec
+    from wanda_pipeline.data import wikitext2_test_tokens
+    from wanda_pipeline.evaluators.perplexity import perplexity
+    from wanda_pipeline.evaluators.sparsity_report import sparsity_table, summarize
+    from wanda_pipeline.evaluators.zeroshot import ZeroShotConfig, ZeroShotEvaluator
+    from wanda_pipeline.plugins import discover
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--zeroshot-limit", type=int, default=50)
+    p.add_argument("--rows", nargs="*", help="labels to run (default: all)")
+    p.add_argument("--tag", default="methods")
+    args = p.parse_args()
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(args), "runs": []}
+    registry = discover()
+    windows = None
+    eval_tokens = None
+    for label, pruner, allocation, quantizer in ROWS:
+        if args.rows and label not in args.rows:
+            continue
+        spec = PipelineSpec(model={"source": "smollm2-135m"},
+                            calibration={"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+                            pruner=pruner or {"name": "magnitude"}, allocation=allocation or {},
+                            quantizer=quantizer, register={"enabled": False})
+        plugins = stages.build_plugins(spec, registry)
+        t = {}
+        t0 = time.perf_counter()
+        loaded = stages.load(spec.model)
+        if windows is None:
+            windows = stages.calibrate(spec.calibration, loaded)  # the same windows for every row
+            eval_tokens = wikitext2_test_tokens(loaded.tokenizer)
+        row = {"method": label}
+        row_windows = windows
+        if label in SELF_CALIBRATION:  # data-free: text sampled from the model itself, same shape and seed
+            t0 = time.perf_counter()
+            row_windows = stages.calibrate(spec.calibration.model_copy(update={"source": "self"}), loaded)
+            t["calibrate_self"] = time.perf_counter() - t0
+        if pruner:
+            t0 = time.perf_counter()
+            outcome = stages.prune(loaded, row_windows, plugins.pruner, spec, progress=False)
+            t["prune"] = time.perf_counter() - t0
+            row["block_ratios"] = outcome.block_ratios
+            row["counters"] = outcome.counters
+        if quantizer:
+            t0 = time.perf_counter()
+            q = stages.quantize(loaded.model, plugins.quantizer, spec.engine)
+            t["quantize"] = time.perf_counter() - t0
+            row["bits_per_weight"] = q.bits_per_weight
+            row["quant_model_bytes"] = q.model_bytes
+        t0 = time.perf_counter()
+        row["ppl_wikitext2"], row["eval_windows"] = perplexity(loaded.model, eval_tokens, args.eval_seqlen,
+                                                               args.eval_windows, progress=False)
+        t["perplexity"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        zs = ZeroShotEvaluator(ZeroShotConfig(limit=args.zeroshot_limit, batch_size=8)).evaluate(
+            loaded.model, loaded.tokenizer)
+        t["zeroshot"] = time.perf_counter() - t0
+        row["zeroshot_mean"] = zs.metrics["zeroshot_mean"]
+        row["zeroshot"] = {r["task"]: r["acc"] for r in zs.tables["zeroshot"]}
+        row["sparsity"] = summarize(sparsity_table(loaded.model))["sparsity_total"]
+        row["seconds"] = t
+        record["runs"].append(row)
+        (out_dir / f"{args.tag}.json").write_text(json.dumps(record, indent=2))
+        print(json.dumps({k: v for k, v in row.items() if k not in ("block_ratios", "zeroshot")}), flush=True)
+
+    dense = next((r for r in record["runs"] if r["method"] == "dense"), None)
+    tasks = list(record["runs"][0]["zeroshot"])
+    lines = [f"# Methods benchmark ({record['started']})", "", f"Command: `{record['command']}`", "",
+             f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, torch "
+             f"{record['machine']['torch']}. Calibration: C4, {args.nsamples} x {args.seqlen}, seed 0 (same windows "
+             f"for every row). Perplexity: first {args.eval_windows} WikiText-2 test windows of {args.eval_seqlen}. "
+             f"Zero-shot: first {args.zeroshot_limit} examples of each task, 0-shot, acc.", "",
+             "| method | sparsity | WikiText-2 ppl | x dense | 7-task mean | " + " | ".join(tasks)
+             + " | prune s | eval s |",
+             "|---" * (7 + len(tasks)) + "|"]
+    for r in record["runs"]:
+        ratio = f"{r['ppl_wikitext2'] / dense['ppl_wikitext2']:.2f}" if dense else "-"
+        s = r["seconds"]
+        lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {r['ppl_wikitext2']:.2f} | {ratio} | "
+                     f"{r['zeroshot_mean']:.3f} | " + " | ".join(f"{r['zeroshot'][t]:.2f}" for t in tasks)
+                     + f" | {s.get('prune', 0) + s.get('quantize', 0):.0f} | {s['perplexity'] + s['zeroshot']:.0f} |")
+    (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
