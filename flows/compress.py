@@ -14,6 +14,7 @@ import hashlib
 import json
 import tempfile
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -182,7 +183,10 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
     with run_ctx as run_id:
         summary["mlflow_run_id"] = run_id
         summary["tracking_uri"] = tracker.uri if tracker else None
-        loaded = timed("load", load_task, spec_obj)
+        # Retries help only where loading crosses a network (a hub id); a bad local path fails at once.
+        from_hub = not Path(resolve_source(spec_obj.model.source)[0]).exists()
+        loader = load_task.with_options(retries=2, retry_delay_seconds=15) if from_hub else load_task
+        loaded = timed("load", loader, spec_obj)
         windows = None
         if plugins.pruner.required_stats():
             windows = timed("calibrate", calibrate_task, spec_obj.calibration, loaded)

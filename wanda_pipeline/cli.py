@@ -54,7 +54,8 @@ def _prune_spec(args):
             calibration={"source": args.calibration, "path": args.calibration_path, "nsamples": args.nsamples,
                          "seqlen": args.seqlen, "seed": args.seed},
             pruner=pruner,
-            engine={"device": args.device, "batch_size": args.batch_size},
+            engine={"device": args.device, "batch_size": args.batch_size, "include": args.include,
+                    "exclude": args.exclude},
             evaluators=evaluators,
             register={"enabled": False},
         )
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", default="float32")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--batch-size", dest="batch_size", type=int, default=1)
+    pr.add_argument("--include", help="regex: prune only linears whose name (inside a block) matches")
+    pr.add_argument("--exclude", help="regex: leave matching linears dense, e.g. 'mlp\\.down_proj'")
     pr.set_defaults(func=cmd_prune)
 
     def with_file(sp):

@@ -190,11 +190,13 @@ class MLflowTracker:
         """Create a model version with tags. On any failure, no half-made version remains."""
         client = self.client
         version = None
+        created = False
         try:
             try:
                 client.get_registered_model(name)
             except Exception:
                 client.create_registered_model(name, description="Sparse models from wanda-pipeline")
+                created = True
             run_id = self._mlflow.active_run().info.run_id if self._mlflow.active_run() else None
             # MLflow 3 logged models live at models:/m-<id>; a server insists on the id as well.
             model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
@@ -208,11 +210,13 @@ class MLflowTracker:
                 client.set_model_version_tag(name, version, k, str(v))
             return str(version)
         except Exception as exc:
-            if version is not None:
-                try:
+            try:
+                if version is not None:
                     client.delete_model_version(name, version)
-                except Exception:
-                    pass
+                if created:
+                    client.delete_registered_model(name)
+            except Exception:
+                pass
             raise TrackingError(f"registering {name!r} failed and was rolled back: {exc}") from exc
 
     def promote(self, name: str, version: str, alias: str = "champion", reason: str = "manual promotion",
