@@ -25,7 +25,7 @@ from wanda_pipeline import __version__, stages
 from wanda_pipeline.config import PipelinesFile, PipelineSpec, apply_overrides
 from wanda_pipeline.data import Windows, load_documents
 from wanda_pipeline.errors import ConfigError, DataError
-from wanda_pipeline.models import resolve_source
+from wanda_pipeline.models import resolve_source, state_digest
 from wanda_pipeline.plugins import discover
 from wanda_pipeline.sparsity import pattern_sparsity
 from wanda_pipeline.tracking import MLflowTracker, Registration, evaluate_gates
@@ -224,6 +224,7 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
         else:
             log.info("no quantizer configured: quantize stage skipped")
         results = timed("evaluate", evaluate_task, loaded, plugins.evaluators)
+        summary["weights_digest"] = state_digest(loaded.model)  # what a reload must reproduce
         metrics.update(_metrics_of(results))
         for k, v in dense.items():
             if k in metrics and v:
@@ -238,6 +239,7 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
             for i, r in enumerate(outcome.block_ratios):
                 tracker.log_metrics({"block_target_sparsity": r}, step=i)
             tracker.log_dict(summary["protocols"], "evaluation_protocol.json")
+            tracker.set_tags({"weights_digest": summary["weights_digest"]})
             for key, r in results.items():
                 for pk, pv in r.protocol.items():
                     if isinstance(pv, (str, int, float, bool)):

@@ -9,6 +9,7 @@ from tests.conftest import needs_data, quick_spec
 from wanda_pipeline.data import wikitext2_test_tokens
 from wanda_pipeline.errors import DataError, PluginError
 from wanda_pipeline.evaluators.perplexity import perplexity
+from wanda_pipeline.models import state_digest
 from wanda_pipeline.tracking import MLflowTracker
 
 pytestmark = [pytest.mark.slow, needs_data, pytest.mark.usefixtures("prefect_harness")]
@@ -68,6 +69,7 @@ def test_flow_runs_every_stage_and_tracks_it(registry):
     model, tok = tracker.load_model("models:/smollm2-demo@champion")
     ppl = perplexity(model, wikitext2_test_tokens(tok), 128, 3, progress=False)[0]
     assert ppl == pytest.approx(m["ppl_wikitext2"], rel=1e-6)
+    assert state_digest(model) == summary["weights_digest"] == run.data.tags["weights_digest"]
     same, _ = tracker.load_model(summary["model_uri"])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values(), strict=True))
 

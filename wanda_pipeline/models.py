@@ -209,6 +209,18 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and bytes: equal digests, identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        if t.is_floating_point():
+            t = t + 0.0  # -0.0 and 0.0 are the same weight (the sparse format stores neither)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
 def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, vocab_size: int = 128) -> nn.Module:
     """A tiny random model for tests and demos, built from a config."""
     from transformers import AutoConfig, AutoModelForCausalLM
