@@ -13,38 +13,48 @@ import torch
 from wanda_pipeline.errors import PluginError
 
 
-class ColumnSqNorm:
+class _RunningMean:
+    """The reference's streaming update: with ``b`` new samples, rescale the running value by
+    n / (n + b), then add the new samples' contribution divided by the new n."""
+
+    value: torch.Tensor
+
+    def __init__(self):
+        self.nsamples = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        batch = x.shape[0]
+        x = x.reshape(-1, x.shape[-1]).t().float()  # (in_features, tokens)
+        self.value *= self.nsamples / (self.nsamples + batch)
+        self.nsamples += batch
+        self._add(x)
+
+    def _add(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class ColumnSqNorm(_RunningMean):
     """``col_sq_norm``: squared L2 norm of each input column, as a running mean over
     samples, updated exactly like the reference ``WrappedGPT.add_batch``."""
 
     def __init__(self, in_features: int, device: torch.device):
+        super().__init__()
         self.value = torch.zeros(in_features, device=device, dtype=torch.float32)
-        self.nsamples = 0
 
-    def update(self, x: torch.Tensor) -> None:
-        if x.dim() == 2:
-            x = x.unsqueeze(0)
-        batch = x.shape[0]
-        x = x.reshape(-1, x.shape[-1]).t().float()
-        self.value *= self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
+    def _add(self, x: torch.Tensor) -> None:
         self.value += torch.norm(x, p=2, dim=1) ** 2 / self.nsamples
 
 
-class Gram:
+class Gram(_RunningMean):
     """``gram``: the Hessian proxy ``2/n * X^T X`` used by SparseGPT, streamed."""
 
     def __init__(self, in_features: int, device: torch.device):
+        super().__init__()
         self.value = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
-        self.nsamples = 0
 
-    def update(self, x: torch.Tensor) -> None:
-        if x.dim() == 2:
-            x = x.unsqueeze(0)
-        batch = x.shape[0]
-        x = x.reshape(-1, x.shape[-1]).t().float()
-        self.value *= self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
+    def _add(self, x: torch.Tensor) -> None:
         x = math.sqrt(2 / self.nsamples) * x
         self.value += x @ x.t()
 
