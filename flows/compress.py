@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,6 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
         tags["mlflow.parentRunId"] = parent_run_id
     run_ctx = tracker.run(pipeline, tags=tags, nested=bool(parent_run_id)) if tracker else _null_run()
     clock: dict[str, float] = {}
-    import time
 
     def timed(name, fn, *a, **kw):
         t0 = time.perf_counter()
@@ -210,7 +210,6 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
         if tracker:
             tracker.log_params(params)
             tracker.log_dict(spec_obj.model_dump(by_alias=True), "pipeline_config.json")
-            tracker.log_dict({k: spec_obj.model_dump(by_alias=True) for k in [pipeline]}, "pipeline_resolved.json")
 
         dense = dict(dense_metrics or {})
         if spec_obj.dense_baseline and not dense and any(k != "sparsity" for k in plugins.evaluators):
