@@ -58,7 +58,12 @@ def main() -> None:
     p.add_argument("--zeroshot-limit", type=int, default=50)
     p.add_argument("--rows", nargs="*", help="labels to run (default: all)")
     p.add_argument("--tag", default="methods")
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md from the saved .json")
     args = p.parse_args()
+    if args.render_only:
+        out = Path(__file__).parent / "results"
+        render(json.loads((out / f"{args.tag}.json").read_text()), out / f"{args.tag}.md")
+        return
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
@@ -114,13 +119,21 @@ def main() -> None:
         (out_dir / f"{args.tag}.json").write_text(json.dumps(record, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k not in ("block_ratios", "zeroshot")}), flush=True)
 
+    render(record, out_dir / f"{args.tag}.md")
+
+
+def render(record: dict, path: Path) -> None:
+    """The markdown table, from the (possibly partial) JSON record."""
+    a = record["settings"]
+    done = {r["method"] for r in record["runs"]}
+    missing = [label for label, *_ in ROWS if label not in done and (not a.get("rows") or label in a["rows"])]
     dense = next((r for r in record["runs"] if r["method"] == "dense"), None)
     tasks = list(record["runs"][0]["zeroshot"])
     lines = [f"# Methods benchmark ({record['started']})", "", f"Command: `{record['command']}`", "",
              f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, torch "
-             f"{record['machine']['torch']}. Calibration: C4, {args.nsamples} x {args.seqlen}, seed 0 (same windows "
-             f"for every row). Perplexity: first {args.eval_windows} WikiText-2 test windows of {args.eval_seqlen}. "
-             f"Zero-shot: first {args.zeroshot_limit} examples of each task, 0-shot, acc.", "",
+             f"{record['machine']['torch']}. Calibration: C4, {a['nsamples']} x {a['seqlen']}, seed 0 (same windows "
+             f"for every row). Perplexity: first {a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']}. "
+             f"Zero-shot: first {a['zeroshot_limit']} examples of each task, 0-shot, acc.", "",
              "| method | sparsity | WikiText-2 ppl | x dense | 7-task mean | " + " | ".join(tasks)
              + " | prune s | eval s |",
              "|---" * (7 + len(tasks)) + "|"]
@@ -130,7 +143,9 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {r['ppl_wikitext2']:.2f} | {ratio} | "
                      f"{r['zeroshot_mean']:.3f} | " + " | ".join(f"{r['zeroshot'][t]:.2f}" for t in tasks)
                      + f" | {s.get('prune', 0) + s.get('quantize', 0):.0f} | {s['perplexity'] + s['zeroshot']:.0f} |")
-    (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    if missing:
+        lines += ["", f"Not finished in this run: {', '.join(missing)}."]
+    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
