@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from prefect.runtime import flow_run
 
 from wanda_pipeline import __version__, stages
 from wanda_pipeline.config import PipelinesFile, PipelineSpec, apply_overrides
-from wanda_pipeline.data import Windows, load_documents
+from wanda_pipeline.data import Windows, local_document_file, read_local_documents
 from wanda_pipeline.errors import ConfigError, DataError
 from wanda_pipeline.models import resolve_source, state_digest
 from wanda_pipeline.plugins import discover
@@ -47,10 +46,15 @@ def validate_task(spec: PipelineSpec, tracker: MLflowTracker | None) -> stages.P
     plugins = stages.build_plugins(spec, discover())
     resolve_source(spec.model.source)
     cal = spec.calibration
-    if plugins.pruner.required_stats() and cal.source != "self":
-        docs = load_documents(cal.source, "train", cal.path)
-        if not any(d.strip() for d in docs):
+    local = local_document_file(cal.source, "train", cal.path) if cal.source != "self" else None
+    # Only local data is read here; a hub source is fetched once, by the calibrate task.
+    if plugins.pruner.required_stats() and local is not None:
+        if not any(d.strip() for d in read_local_documents(local)):
             raise DataError(f"calibration source {cal.path or cal.source!r} has no text")
+    for kind, plugin in [("evaluator", e) for e in plugins.evaluators.values()] + [("quantizer", plugins.quantizer)]:
+        path = getattr(getattr(plugin, "config", None), "path", None)
+        if path and not Path(path).expanduser().exists():
+            raise DataError(f"{kind} {type(plugin).__name__} reads {path!r}, which does not exist; fix its `path`")
     if tracker is not None:
         tracker.check()
     return plugins
@@ -164,21 +168,13 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
     log = get_run_logger()
     spec_obj = PipelineSpec(**spec)
     tracker = MLflowTracker(spec_obj.tracking.uri, spec_obj.tracking.experiment) if tracking else None
-    plugins = validate_task(spec_obj, tracker)
-    stages_run = ["validate"]
-    summary: dict[str, Any] = {"pipeline": pipeline, "prefect_flow_run_id": str(flow_run.id), "stages": stages_run}
+    clock = stages.StageClock()
+    plugins = clock.timed("validate", validate_task, spec_obj, tracker)
+    summary: dict[str, Any] = {"pipeline": pipeline, "prefect_flow_run_id": str(flow_run.id)}
     tags = {"pipeline": pipeline, "prefect_flow_run_id": str(flow_run.id), "prefect_flow_run_name": flow_run.name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_ctx = tracker.run(pipeline, tags=tags, nested=bool(parent_run_id)) if tracker else _null_run()
-    clock: dict[str, float] = {}
-
-    def timed(name, fn, *a, **kw):
-        t0 = time.perf_counter()
-        result = fn(*a, **kw)
-        clock[name] = time.perf_counter() - t0
-        stages_run.append(name)
-        return result
 
     with run_ctx as run_id:
         summary["mlflow_run_id"] = run_id
@@ -186,10 +182,10 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
         # Retries help only where loading crosses a network (a hub id); a bad local path fails at once.
         from_hub = not Path(resolve_source(spec_obj.model.source)[0]).exists()
         loader = load_task.with_options(retries=2, retry_delay_seconds=15) if from_hub else load_task
-        loaded = timed("load", loader, spec_obj)
+        loaded = clock.timed("load", loader, spec_obj)
         windows = None
         if plugins.pruner.required_stats():
-            windows = timed("calibrate", calibrate_task, spec_obj.calibration, loaded)
+            windows = clock.timed("calibrate", calibrate_task, spec_obj.calibration, loaded)
         target = pattern_sparsity(spec_obj.pruner.options().get("pattern", "unstructured"),
                                   plugins.pruner.config.sparsity)
         params = {
@@ -213,16 +209,16 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
 
         dense = dict(dense_metrics or {})
         if spec_obj.dense_baseline and not dense and any(k != "sparsity" for k in plugins.evaluators):
-            dense = _metrics_of(timed("evaluate-dense", evaluate_dense_task, loaded, plugins.evaluators))
-        outcome = timed("prune", prune_task, loaded, windows, plugins.pruner, spec_obj)
+            dense = _metrics_of(clock.timed("evaluate-dense", evaluate_dense_task, loaded, plugins.evaluators))
+        outcome = clock.timed("prune", prune_task, loaded, windows, plugins.pruner, spec_obj)
         metrics: dict[str, float] = {f"counter_{k}": v for k, v in outcome.counters.items()}
         if plugins.quantizer is not None:
-            q = timed("quantize", quantize_task, loaded, plugins.quantizer, spec_obj)
+            q = clock.timed("quantize", quantize_task, loaded, plugins.quantizer, spec_obj)
             metrics.update({"quant_bits_per_weight": q.bits_per_weight, "quant_model_bytes": q.model_bytes,
                             "quant_dense_model_bytes": q.dense_model_bytes, "quant_zeros_kept": q.zeros_after})
         else:
             log.info("no quantizer configured: quantize stage skipped")
-        results = timed("evaluate", evaluate_task, loaded, plugins.evaluators)
+        results = clock.timed("evaluate", evaluate_task, loaded, plugins.evaluators)
         summary["weights_digest"] = state_digest(loaded.model)  # what a reload must reproduce
         metrics.update(_metrics_of(results))
         for k, v in dense.items():
@@ -249,14 +245,16 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
                 tracker.log_figure(sparsity_figure(results["sparsity"].tables["sparsity_per_layer"],
                                                    outcome.block_ratios), "sparsity_per_layer.png")
             provenance = {**params, "metrics": summary["metrics"], "dense": dense}
-            reg = timed("register", register_task, loaded, spec_obj, pipeline, tracker, metrics, dense, provenance)
+            reg = clock.timed("register", register_task, loaded, spec_obj, pipeline, tracker, metrics, dense,
+                              provenance)
             summary["model_uri"] = reg["model_uri"]
             summary["registration"] = reg.get("registration")
         if spec_obj.save:
             from wanda_pipeline.saving import save_model
 
             save_model(loaded.model, loaded.tokenizer, spec_obj.save, {**params, "metrics": summary["metrics"]})
-        clock_metrics = {f"time_{k.replace('-', '_')}_s": v for k, v in clock.items()}
+        summary["stages"] = list(clock.seconds)  # in the order they ran
+        clock_metrics = {f"time_{k.replace('-', '_')}_s": v for k, v in clock.seconds.items()}
         clock_metrics["peak_rss_bytes"] = stages.peak_rss_bytes()
         summary["metrics"].update(clock_metrics)
         if tracker:
@@ -329,8 +327,7 @@ def pipeline_spec(doc: PipelinesFile, name: str, overrides: list[str] | None = N
     return apply_overrides(spec, overrides, f"pipelines.{name}") if overrides else spec
 
 
-def run_pipeline_by_name(doc: PipelinesFile, name: str, overrides: list[str] | None = None,
-                         config_file: str | None = None) -> dict:
+def run_pipeline_by_name(doc: PipelinesFile, name: str, overrides: list[str] | None = None) -> dict:
     spec = pipeline_spec(doc, name, overrides)
     stages.build_plugins(spec, discover())  # overrides can introduce bad options: fail before Prefect starts
     return compress(name, spec.model_dump(by_alias=True))
@@ -351,7 +348,7 @@ def sweep_points(doc: PipelinesFile, name: str) -> list[dict]:
     return points
 
 
-def run_sweep_by_name(doc: PipelinesFile, name: str, config_file: str | None = None) -> list[dict]:
+def run_sweep_by_name(doc: PipelinesFile, name: str) -> list[dict]:
     points = sweep_points(doc, name)
     registry = discover()
     for point in points:

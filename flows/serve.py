@@ -31,7 +31,7 @@ def deployments(doc: PipelinesFile, names: list[str] | None = None) -> list:
     return out
 
 
-def serve_scheduled(doc: PipelinesFile, config_file: str | None = None, names: list[str] | None = None) -> None:
+def serve_scheduled(doc: PipelinesFile, names: list[str] | None = None) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError(
             "schedules need a running Prefect server; the embedded one cannot schedule. Start one with "

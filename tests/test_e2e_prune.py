@@ -72,5 +72,4 @@ def test_bad_flags_exit_with_config_code():
     assert proc.returncode == 2 and "must be in [0, 1)" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "wanda_pipeline.cli", "prune", "--model", "/no/such/model"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode in (2, 4) and "/no/such/model" in proc.stderr
-    assert torch.__version__.startswith("2.13")
+    assert proc.returncode == 4 and "/no/such/model" in proc.stderr

@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 from flows.compress import compress, sweep
 from tests.conftest import needs_data, quick_spec
 from wanda_pipeline.data import wikitext2_test_tokens
-from wanda_pipeline.errors import DataError, PluginError
+from wanda_pipeline.errors import DataError
 from wanda_pipeline.evaluators.perplexity import perplexity
 from wanda_pipeline.models import state_digest
 from wanda_pipeline.tracking import MLflowTracker
@@ -151,10 +151,12 @@ def test_sweep_table_and_parent_child_runs(tmp_path, tiny_dir):
     assert children[0].data.metrics["dense_ppl_wikitext2"] == children[1].data.metrics["dense_ppl_wikitext2"]
 
 
-def test_crashing_evaluator_is_a_plugin_error_and_nothing_is_registered(tmp_path, tiny_dir):
+def test_missing_evaluation_file_fails_in_validate(tmp_path, tiny_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = quick_spec(str(tiny_dir), uri, evaluators=[{"name": "perplexity", "path": str(tmp_path / "none.txt"),
                                                        "seqlen": 128, "windows": 2}, {"name": "sparsity"}])
-    with pytest.raises((PluginError, DataError)):
-        compress("tiny-crash", spec)
-    assert MlflowClient(uri, uri).search_registered_models() == []
+    with pytest.raises(DataError, match="none.txt"):
+        compress("tiny-missing-eval", spec)
+    client = MlflowClient(uri, uri)
+    exp = client.get_experiment_by_name("tests")
+    assert exp is None or client.search_runs([exp.experiment_id]) == []  # stopped before loading or tracking

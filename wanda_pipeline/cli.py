@@ -159,7 +159,7 @@ def cmd_run(args) -> int:
     # The whole file must parse; plugins are checked for this pipeline only, so one broken
     # plugin elsewhere in the file does not stop the others.
     doc = _load_file(args, with_plugins=False)
-    summary = run_pipeline_by_name(doc, args.name, args.set or [], args.file)
+    summary = run_pipeline_by_name(doc, args.name, args.set or [])
     _print_summary(summary)
     return 0
 
@@ -181,7 +181,7 @@ def cmd_sweep(args) -> int:
     from flows.compress import run_sweep_by_name
 
     doc = _load_file(args, with_plugins=False)
-    table = run_sweep_by_name(doc, args.name, args.file)
+    table = run_sweep_by_name(doc, args.name)
     _print_table(table, f"sweep {args.name}")
     return 0
 
@@ -190,7 +190,7 @@ def cmd_serve(args) -> int:
     from flows.serve import serve_scheduled
 
     doc = _load_file(args)
-    serve_scheduled(doc, args.file, names=args.names or None)
+    serve_scheduled(doc, names=args.names or None)
     return 0
 
 

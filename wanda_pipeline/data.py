@@ -76,13 +76,19 @@ def read_local_documents(path: Path) -> list[str]:
 
 def load_documents(source: str, split: str = "train", path: str | None = None) -> list[str]:
     """Documents of a named source or a file. Local files win over the hub."""
+    local = local_document_file(source, split, path)
+    return read_local_documents(local) if local is not None else _hub_documents(source, split)
+
+
+def local_document_file(source: str, split: str = "train", path: str | None = None) -> Path | None:
+    """The local file :func:`load_documents` reads, or None when it would go to the hub."""
     if path or source not in NAMED_SOURCES:
-        return read_local_documents(Path(path or source).expanduser())
+        return Path(path or source).expanduser()
     rel = LOCAL_FILES.get((source, split))
     root = data_dir()
     if rel and root is not None and (root / rel).exists():
-        return read_local_documents(root / rel)
-    return _hub_documents(source, split)
+        return root / rel
+    return None
 
 
 def _hub_documents(source: str, split: str) -> list[str]:
@@ -195,6 +201,8 @@ def wikitext2_test_tokens(tokenizer, path: str | None = None) -> torch.Tensor:
 
 
 def _rows(path: Path) -> list[str]:
+    if not path.exists():
+        raise DataError(f"evaluation file {path} does not exist; check the evaluator's `path`")
     if path.suffix == ".jsonl":
         return read_local_documents(path)
     return path.read_text(encoding="utf-8").split("\n")

@@ -103,7 +103,9 @@ class PrunerConformance:
         pruner = self.make()
         original, weight, mask = self.run_once(pruner, SHAPES[0])
         if getattr(pruner, "updates_weights", False):
-            return  # pruners that reconstruct (SparseGPT) may legitimately change kept weights
+            # Pruners that reconstruct (SparseGPT) may change kept weights, but every pruned one must be zero.
+            assert bool((weight[mask] == 0).all()), "updates_weights pruners must zero what they mask"
+            return
         assert torch.equal(weight, original), "prune() must not edit the weight; return the mask"
         applied = original.clone()
         applied[mask] = 0
