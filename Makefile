@@ -21,7 +21,7 @@ export PREFECT_TASKS_DEFAULT_NO_CACHE ?= true
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench mutants clean
 setup: $(STAMP)
 
 # torch is installed first and pinned: the CPU build; an unpinned torch pulls CUDA.
@@ -45,8 +45,22 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -ra --durations=15 tests plugins/wanda-ria/tests
 
+# Everything not marked slow: no servers, no SmolLM2 forward passes (under a minute on 2 cores).
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not slow" --durations=10 tests plugins/wanda-ria/tests
+
+# Mutation testing of the core with mutmut 3 on the fast tests ([tool.mutmut] in pyproject.toml).
+# mutmut copies wanda_pipeline/ into mutants/ and puts that copy first on sys.path, ahead of the
+# editable install. MUTMUT_CHILDREN bounds parallelism; torch threads are pinned to 1 per child.
+MUTMUT_CHILDREN ?= 2
+mutants: setup
+	rm -rf mutants
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN) > mutants.log 2>&1 \
+		|| (tail -n 40 mutants.log; exit 1)
+	@$(BIN)/python bench/mutation_score.py --by-module
+
 bench: setup
 	$(BIN)/python bench/bench_core.py
 
 clean:
-	rm -rf $(VENV) mlflow.db mlartifacts .pytest_cache
+	rm -rf $(VENV) mlflow.db mlartifacts .pytest_cache mutants mutants.log

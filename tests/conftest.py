@@ -33,13 +33,32 @@ from wanda_pipeline.settings import data_dir  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = data_dir()
 HAVE_DATA = DATA is not None and (DATA / "c4").exists()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="set WANDA_DATA_DIR to the shared data folder")
+SHARED_DATA = REPO.parent / "shared" / "data"
+NO_DATA = "set WANDA_DATA_DIR to the shared data folder"
+# Mark only tests that read /work/shared/data; a test that needs no data must not carry it.
+needs_data = pytest.mark.needs_data
+
+
+def missing_data() -> None:
+    """Skip for want of data, except in CI next to ../shared/data, where a missing data folder is a bug."""
+    if os.environ.get("CI") and SHARED_DATA.is_dir():
+        pytest.fail(f"{NO_DATA}: CI is set and {SHARED_DATA} exists, but WANDA_DATA_DIR={DATA} has no c4/")
+    pytest.skip(NO_DATA)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_data: reads the shared data folder ($WANDA_DATA_DIR)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_data") and not HAVE_DATA:
+        missing_data()
 
 
 @pytest.fixture(scope="session")
 def data() -> Path:
     if not HAVE_DATA:
-        pytest.skip("set WANDA_DATA_DIR to the shared data folder")
+        missing_data()
     return DATA
 
 

@@ -17,7 +17,7 @@ from wanda_pipeline.pruners.magnitude import MagnitudePruner
 from wanda_pipeline.pruners.wanda import WandaPruner
 from wanda_pipeline.pruning import prune_model
 
-pytestmark = [pytest.mark.slow, needs_data]
+pytestmark = [pytest.mark.slow]
 SEQLEN, WINDOWS = 256, 6
 
 
@@ -25,6 +25,7 @@ def ppl_of(model, tokenizer):
     return perplexity(model, wikitext2_test_tokens(tokenizer), SEQLEN, WINDOWS, progress=False)[0]
 
 
+@needs_data
 def test_paper_ordering_dense_wanda_magnitude(smollm2_dir):
     results = {}
     for method in ["dense", "wanda", "magnitude"]:
@@ -43,6 +44,7 @@ def test_paper_ordering_dense_wanda_magnitude(smollm2_dir):
     assert results["dense"] < results["wanda"] < results["magnitude"], results
 
 
+@needs_data
 def test_cli_prune_2_4_saves_a_reloadable_model(tmp_path, smollm2_dir):
     out = tmp_path / "model"
     proc = subprocess.run(

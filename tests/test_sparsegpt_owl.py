@@ -52,7 +52,7 @@ def test_sparsegpt_in_the_engine_reports_counters(tokens_gen):
     model = tiny_model("llama", seed=0)
     out = prune_model(model, tokens_gen(128, 4, 16), SparseGPTPruner(SparseGPTConfig(sparsity=0.5, blocksize=16)),
                       LayerEngine(progress=False))
-    assert out.counters["linears"] == 14 and out.counters["hessian_fallbacks"] >= 0
+    assert out.counters == {"linears": 14, "hessian_fallbacks": 0}  # random tiny inputs: every Cholesky works
     assert all(abs(r["sparsity"] - 0.5) < 1e-6 for r in sparsity_table(model))
 
 

@@ -5,9 +5,15 @@
     class TestMyPruner(PrunerConformance):
         pruner_class = MyPruner
 
-pytest collects the ``test_*`` methods below. Checks: the exact sparsity is reached, the
-N:M pattern is respected, weights outside the mask are untouched, runs are deterministic,
-bad settings are rejected, and the pruner works inside the layer engine on a tiny model.
+pytest collects the ``test_*`` methods below. Checks: the exact sparsity is reached in the
+declared comparison group, the N:M pattern is respected, weights outside the mask are
+untouched, runs are deterministic, bad settings are rejected, and the pruner works inside
+the layer engine on a tiny model.
+
+The comparison group is read from the pruner's config field ``group`` (``"output"``: each
+output row loses exactly ``int(C_in * s)``; ``"layer"``: the matrix loses exactly
+``int(numel * s)``). A pruner without that field declares it as a class attribute
+``comparison_group`` (on the pruner or on the test class).
 """
 
 from __future__ import annotations
@@ -41,12 +47,30 @@ def random_weight(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def expected_pruned(numel_row: int, rows: int, sparsity: float, pattern: str) -> int | None:
-    """Exact number of pruned weights the pattern implies, or None if the pruner may choose."""
-    if pattern == "unstructured":
-        return None
-    n, m = (int(p) for p in pattern.split(":"))
-    return rows * (numel_row // m) * n
+GROUPS = ("output", "layer")
+
+
+def expected_pruned(numel_row: int, rows: int, sparsity: float, pattern: str, group: str = "output") -> int:
+    """Exact number of pruned weights the pattern and comparison group imply."""
+    if pattern != "unstructured":
+        n, m = (int(p) for p in pattern.split(":"))
+        return rows * (numel_row // m) * n
+    if group == "output":
+        return rows * int(numel_row * sparsity)
+    if group == "layer":
+        return int(rows * numel_row * sparsity)
+    raise ValueError(f"unknown comparison group {group!r}; use one of {GROUPS}")
+
+
+def declared_group(pruner: Any, fallback: str | None = None) -> str:
+    """The comparison group a pruner declares: config ``group``, else ``comparison_group``."""
+    group = getattr(pruner.config, "group", None) or getattr(pruner, "comparison_group", None) or fallback
+    if group not in GROUPS:
+        raise AssertionError(
+            f"{type(pruner).__name__} declares no comparison group (got {group!r}): give its config a "
+            f"'group' field or set the class attribute comparison_group to one of {GROUPS}"
+        )
+    return group
 
 
 class PrunerConformance:
@@ -56,6 +80,7 @@ class PrunerConformance:
     options: ClassVar[dict[str, Any]] = {}
     patterns: ClassVar[list[str]] = PATTERNS
     sparsities: ClassVar[list[float]] = [0.3, 0.5, 0.7]
+    comparison_group: ClassVar[str | None] = None  # for pruners whose config has no ``group``
 
     def make(self, **overrides):
         return self.pruner_class(self.pruner_class.Config(**{**self.options, **overrides}))
@@ -80,11 +105,16 @@ class PrunerConformance:
         for shape in SHAPES:
             for s in self.sparsities:
                 pruner = self.make(sparsity=s, pattern="unstructured")
+                group = declared_group(pruner, self.comparison_group)
                 _, _, mask = self.run_once(pruner, shape, sparsity=s)
                 rows, cols = shape
-                # Per-row (Wanda-style) rounding gives rows*int(cols*s); per-layer gives int(numel*s).
-                allowed = {rows * int(cols * s), int(rows * cols * s)}
-                assert int(mask.sum()) in allowed, (shape, s, int(mask.sum()), allowed)
+                per_row = mask.sum(1)
+                assert int(mask.sum()) == expected_pruned(cols, rows, s, "unstructured", group), (shape, s, group)
+                if group == "output":
+                    assert bool((per_row == int(cols * s)).all()), "group 'output': every row loses int(C_in*s)"
+                else:
+                    # One comparison over the whole matrix: on random weights the rows do not all lose the same.
+                    assert len(set(per_row.tolist())) > 1, f"group 'layer' but every row lost {per_row[0]}"
 
     def test_nm_pattern_respected(self):
         for pattern in self.patterns:
