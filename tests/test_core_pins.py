@@ -98,7 +98,8 @@ def sparsegpt_by_hand(w: torch.Tensor, gram: torch.Tensor, s: float, nm, blocksi
 @pytest.mark.parametrize("pattern,nm", [("unstructured", None), ("2:4", (2, 4))])
 def test_sparsegpt_matches_the_update_written_out(pattern, nm):
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(64, 12, generator=g) @ (torch.eye(12) + 0.3 * torch.randn(12, 12, generator=g))
+    x = torch.randn(64, 12, generator=g) * torch.linspace(0.2, 3, 12)  # uneven diag(H^-1) within each group
+    x = x @ (torch.eye(12) + 0.3 * torch.randn(12, 12, generator=g))
     gram = 2 / 64 * x.T @ x
     w = torch.randn(5, 12, generator=g)
     weight = w.clone()
@@ -154,7 +155,7 @@ def test_total_sparsity_weights_each_layer_by_its_size():
     assert [r["sparsity"] for r in rows] == pytest.approx(fractions)
 
 
-def test_non_uniform_allocation_total_is_the_weighted_mean(tokens_gen):
+def test_per_block_allocation_prunes_exact_per_row_counts(tokens_gen):
     model = tiny_model("llama", seed=0, layers=2)
     out = prune_model(model, tokens_gen(128, 2, 16), WandaPruner(WandaConfig(sparsity=0.5)),
                       LayerEngine(progress=False), AllocationConfig(method="per_layer", ratios={0: 0.25}))

@@ -24,7 +24,8 @@ class TableLM(nn.Module):
         self.table = nn.Parameter(table.clone(), requires_grad=False)
         self.config = SimpleNamespace(max_position_embeddings=max_positions)
 
-    def forward(self, input_ids, use_cache=False):
+    def forward(self, input_ids, use_cache=None):
+        assert use_cache is False, "evaluation must not build a KV cache"
         return SimpleNamespace(logits=self.table[input_ids])
 
 
@@ -59,14 +60,15 @@ def test_perplexity_is_exp_of_mean_nll_written_out(batch_size, windows):
 
 def test_perplexity_evaluator_reports_the_protocol(tmp_path):
     class Tok:
-        def __call__(self, text, return_tensors="pt"):
+        def __call__(self, text, return_tensors=None):
+            assert return_tensors == "pt"
             return SimpleNamespace(input_ids=torch.tensor([[len(word) % 9 for word in text.split(" ")]]))
 
     (tmp_path / "eval.txt").write_text(" ".join("ab" * (i % 5) for i in range(70)))
     table = torch.randn(9, 9, generator=torch.Generator().manual_seed(2))
     config = PerplexityConfig(dataset="c4", path=str(tmp_path / "eval.txt"), seqlen=16, windows=3)
     result = PerplexityEvaluator(config).evaluate(TableLM(table), Tok())
-    tokens = Tok()(" ".join("ab" * (i % 5) for i in range(70))).input_ids[0].tolist()
+    tokens = Tok()(" ".join("ab" * (i % 5) for i in range(70)), return_tensors="pt").input_ids[0].tolist()
     assert result.metrics == {"ppl_c4": pytest.approx(ppl_by_hand(table, tokens, 16, 3), rel=1e-6)}
     p = result.protocol
     assert (p["seqlen"], p["windows"], p["windows_available"], p["tokens"]) == (16, 3, 4, 48)
@@ -127,7 +129,8 @@ def test_gates_fail_closed_and_default_floor_is_the_target():
 class WordTokenizer:
     """A tiny tokenizer: one id per whitespace-separated word (its length)."""
 
-    def __call__(self, text, return_tensors="pt"):
+    def __call__(self, text, return_tensors=None):
+        assert return_tensors == "pt"
         return SimpleNamespace(input_ids=torch.tensor([[len(w) for w in text.split()]]))
 
 
@@ -138,7 +141,7 @@ def sampler_by_hand(docs, tokenizer, nsamples, seqlen, seed):
     for _ in range(nsamples):
         while True:
             i = random.randint(0, len(docs) - 1)
-            ids = tokenizer(docs[i]).input_ids
+            ids = tokenizer(docs[i], return_tensors="pt").input_ids
             if ids.shape[1] > seqlen:
                 break
         start = random.randint(0, ids.shape[1] - seqlen - 1)
@@ -156,11 +159,12 @@ def test_calibration_sampler_matches_the_reference_loop(seed, nsamples, seqlen):
 
 
 def test_calibration_sampler_refuses_what_it_cannot_sample():
-    with pytest.raises(DataError, match=r"longer than seqlen=5 tokens \(longest: 5\)"):
+    with pytest.raises(DataError, match=r"longer than seqlen=5 tokens \(longest: 5\)\. Lower `seqlen` or use a"):
         sample_windows(["a b c", "a b c d e", "a"], WordTokenizer(), 2, 5, 0)
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="calibration data is empty: the source has no documents with text"):
         sample_windows(["", "  "], WordTokenizer(), 2, 5, 0)
     for n, s in [(0, 4), (2, 0)]:
         with pytest.raises(ConfigError, match="must be positive"):
             sample_windows(["a b c d e f"], WordTokenizer(), n, s, 0)
     assert sample_windows(["a bb ccc dddd e ff"], WordTokenizer(), 3, 5, 1).shape == (3, 5)
+    assert sample_windows(["a bb"], WordTokenizer(), 1, 1, 0).shape == (1, 1)  # one sample of one token is valid
