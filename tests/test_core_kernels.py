@@ -11,7 +11,7 @@ from wanda_pipeline.errors import ConfigError, PluginError
 from wanda_pipeline.pruners.sparsegpt import inverse_hessian_cholesky
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.quantizers.rtn import RTNConfig, RTNQuantizer
-from wanda_pipeline.sparsity import nm_mask, wanda_metric
+from wanda_pipeline.sparsity import nm_mask, variant_mask, wanda_metric
 from wanda_pipeline.stats import ColumnSqNorm, Gram, make_accumulators
 
 
@@ -53,6 +53,13 @@ def test_rtn_quantizer_with_a_short_last_group(bits, symmetric):
     torch.testing.assert_close(half.float(), rtn_by_hand(w.half().float(), bits, 21, symmetric), rtol=1e-3, atol=1e-3)
 
 
+def test_rtn_asymmetric_clamp_binds_on_round_half_even():
+    # scale 1, zero round(1.5) = 2; round(13.5) + 2 = 16 > qmax 15, so the top weight lands on 13.
+    w = torch.tensor([[-1.5, 13.5, 0.0, 1.0]])
+    got = RTNQuantizer(RTNConfig(bits=4, group_size=4, symmetric=False)).quantize_weight(w)
+    assert got.tolist() == [[-2.0, 13.0, 0.0, 1.0]] == rtn_by_hand(w, 4, 4, False).tolist()
+
+
 def test_rtn_bits_per_weight_counts_scales_and_zero_points():
     assert RTNQuantizer(RTNConfig(bits=4, group_size=128)).bits_per_weight((8, 256)) == 4 + 16 / 128
     assert RTNQuantizer(RTNConfig(bits=4, group_size=128, symmetric=False)).bits_per_weight((8, 256)) == 4 + 32 / 128
@@ -84,7 +91,7 @@ def test_allocation_ratios_and_their_errors():
     assert block_ratios(AllocationConfig(method="per_layer", ratios={2: 0.1, 0: 0.0}), 3, 0.6) == [0.0, 0.6, 0.1]
     with pytest.raises(ConfigError, match=r"name blocks \[3\], but the model has blocks 0..2"):
         block_ratios(AllocationConfig(method="per_layer", ratios={3: 0.5}), 3, 0.5)
-    with pytest.raises(ConfigError, match="needs the outlier scan"):
+    with pytest.raises(ConfigError, match="^OWL allocation needs the outlier scan first$"):
         block_ratios(AllocationConfig(method="owl"), 3, 0.5)
     owl = AllocationConfig(method="owl", owl_lambda=0.1)
     assert block_ratios(owl, 3, 0.5, [0.1, 0.2, 0.3]) == pytest.approx([0.6, 0.5, 0.4])
@@ -94,6 +101,8 @@ def test_allocation_ratios_and_their_errors():
     with pytest.raises(ConfigError, match="lower owl_lambda"):
         owl_ratios([0.0, 1.0], 0.1, 0.2)  # 0.1 - 0.2 < 0
     assert owl_ratios([0.0, 1.0], 0.1, 0.1) == pytest.approx([0.2, 0.0])  # exactly 0 is allowed
+    with pytest.raises(ConfigError, match="lower owl_lambda"):
+        owl_ratios([0.0, 1.0], 0.75, 0.25)  # exactly 1 is not: [1.0, 0.5]
     for bad in [{"method": "per_layer"}, {"method": "per_layer", "ratios": {0: 1.0}}, {"owl_lambda": 0.5}]:
         with pytest.raises(ValueError):
             AllocationConfig(**bad)
@@ -110,6 +119,9 @@ def test_hessian_factor_and_its_fallbacks():
     expected = torch.linalg.cholesky(torch.linalg.inv(h + damp * torch.eye(6)), upper=True)
     assert used == 0
     torch.testing.assert_close(factor, expected, rtol=1e-4, atol=1e-5)
+    for retries in (0, 1):  # a healthy H needs no retry, however few are allowed
+        again, used = inverse_hessian_cholesky(h, 0.01, retries)
+        assert used == 0 and torch.equal(again, factor)
     # An indefinite H that 1x dampening cannot fix but 10x can: exactly one fallback.
     bad = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05]))
     damp = 0.02 * float(bad.diag().mean())  # 0.02 * 0.7375 = 0.01475: 10x makes the last entry positive
@@ -142,6 +154,24 @@ def variant_by_hand(metric: torch.Tensor, s: float, tol: float = 0.001):
             alpha, lo = (alpha + hi) / 2, alpha
         mask, got = given(alpha)
     return mask, alpha
+
+
+@pytest.mark.parametrize("s,tol,kind", [(0.02, 0.001, "flat rows"), (0.3, 0.001, "integers"), (0.7, 0.05, "integers"),
+                                         (0.5, 0.001, "random")])
+def test_variant_mask_matches_the_bisection_written_out(s, tol, kind):
+    g = torch.Generator().manual_seed(13)
+    if kind == "flat rows":  # uniform rows cannot prune at a small alpha; the others can
+        metric = torch.cat([torch.ones(4, 40), torch.rand(4, 40, generator=g) ** 4 * 10])
+    elif kind == "integers":  # cumulative sums hit alpha * row sum exactly
+        metric = torch.randint(1, 5, (16, 10), generator=g).float()
+    else:
+        metric = torch.rand(16, 30, generator=g)
+    expected, alpha = variant_by_hand(metric, s, tol)
+    pruner = WandaPruner(WandaConfig(sparsity=s, use_variant=True, variant_tol=tol))
+    mask = pruner.prune(metric.clone(), {"col_sq_norm": torch.ones(metric.shape[1])}, s)
+    assert torch.equal(mask, expected) and pruner.last_alpha == alpha
+    if tol == 0.001:
+        assert torch.equal(variant_mask(metric, s)[0], expected)  # the default tolerance
 
 
 @pytest.mark.parametrize("s", [0.2, 0.5])
