@@ -45,7 +45,7 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -ra --durations=15 tests plugins/wanda-ria/tests
 
-# Everything not marked slow: no servers, no SmolLM2 forward passes (under a minute on 2 cores).
+# Everything not marked slow: no servers, no SmolLM2 forward passes.
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow" --durations=10 tests plugins/wanda-ria/tests
 
