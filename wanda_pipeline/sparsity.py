@@ -14,7 +14,7 @@ import torch
 from wanda_pipeline.errors import ConfigError
 
 # Row chunks of about this many elements keep the N:M network's temporaries in cache
-# and bound the int64 cumsum of the tie fix-up.
+# (on CPU) and bound the int64 cumsum of the tie fix-up.
 _CHUNK_ELEMS = 1 << 19
 # Above this M the selection network has too many comparators; topk does the whole matrix.
 _MAX_NETWORK_M = 32
@@ -127,7 +127,8 @@ def nm_mask(metric: torch.Tensor, n: int, m: int) -> torch.Tensor:
     else:
         gmask = torch.empty(groups.shape, dtype=torch.bool, device=metric.device)
         ties = torch.empty(groups.shape[:2], dtype=torch.bool, device=metric.device)
-        step = max(1, _CHUNK_ELEMS // full)
+        # Row chunks keep the temporaries in CPU caches; a GPU takes the matrix at once.
+        step = max(1, _CHUNK_ELEMS // full) if metric.device.type == "cpu" else rows
         for r in range(0, rows, step):
             lo, hi = _nth_pair(groups[r : r + step], n, m)
             torch.le(groups[r : r + step], lo.unsqueeze(-1), out=gmask[r : r + step])
