@@ -7,11 +7,10 @@ conformance kit, OWL and the quantizer's sparsity check can reuse them.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from wanda_pipeline.errors import ConfigError
+from wanda_pipeline.selection_network import nth_pair
 
 # Row chunks of about this many elements keep the N:M network's temporaries in cache
 # (on CPU) and bound the int64 cumsum of the tie fix-up.
@@ -130,7 +129,7 @@ def nm_mask(metric: torch.Tensor, n: int, m: int) -> torch.Tensor:
         # Row chunks keep the temporaries in CPU caches; a GPU takes the matrix at once.
         step = max(1, _CHUNK_ELEMS // full) if metric.device.type == "cpu" else rows
         for r in range(0, rows, step):
-            lo, hi = _nth_pair(groups[r : r + step], n, m)
+            lo, hi = nth_pair(groups[r : r + step], n, m)
             torch.le(groups[r : r + step], lo.unsqueeze(-1), out=gmask[r : r + step])
             torch.logical_or(lo == hi, torch.isnan(lo), out=ties[r : r + step])
         if ties.any():
@@ -149,43 +148,6 @@ def nm_mask(metric: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def _topk_groups(groups: torch.Tensor, n: int) -> torch.Tensor:
     idx = torch.topk(groups.float(), n, dim=-1, largest=False)[1]
     return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(-1, idx, True)
-
-
-def _nth_pair(groups: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n-th and (n+1)-th smallest value of each group (NaN where a group holds NaN)."""
-    wires = list(groups.unbind(-1))
-    for i, j, low, high in _selection_network(n, m):
-        a, b = wires[i], wires[j]
-        if low:
-            wires[i] = torch.minimum(a, b)
-        if high:
-            wires[j] = torch.maximum(a, b)
-    return wires[n - 1], wires[n]
-
-
-@functools.cache
-def _selection_network(n: int, m: int) -> tuple[tuple[int, int, bool, bool], ...]:
-    """Batcher's odd-even merge sort on the next power of two, cut to ``m`` wires (the
-    padding wires would hold +inf and never swap) and to the comparators that feed wires
-    n-1 and n; each keeps only the min or max output that is used later."""
-    size = 1 << (m - 1).bit_length()
-    comparators = []
-    p = 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < m:
-                        comparators.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    needed, kept = {n - 1, n}, []
-    for i, j in reversed(comparators):
-        if i in needed or j in needed:
-            kept.append((i, j, i in needed, j in needed))
-            needed |= {i, j}
-    return tuple(reversed(kept))
 
 
 def variant_mask(
