@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--mask-repeats", type=int, default=3)
     p.add_argument("--skip-prune", action="store_true", help="only the micro-benchmarks")
     p.add_argument("--tag", default="speed")
+    p.add_argument("--render", action="store_true", help="only rewrite <tag>.md from <tag>.json")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--pattern-file", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -165,6 +166,9 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.one, opts, args, Path(args.pattern_file))), flush=True)
         return
 
+    if args.render:
+        (OUT / f"{args.tag}.md").write_text(render(json.loads((OUT / f"{args.tag}.json").read_text())))
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     record = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "settings": vars(args),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": [], "gpu": None}
