@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 from wanda_pipeline.errors import ConfigError
+from wanda_pipeline.selection_network import nth_pair
+
+# Row chunks of about this many elements keep the N:M network's temporaries in cache
+# (on CPU) and bound the int64 cumsum of the tie fix-up.
+_CHUNK_ELEMS = 1 << 19
+# Above this M the selection network has too many comparators; topk does the whole matrix.
+_MAX_NETWORK_M = 32
 
 
 def check_ratio(sparsity: float) -> None:
@@ -34,49 +41,113 @@ def wanda_metric(weight: torch.Tensor, col_sq_norm: torch.Tensor) -> torch.Tenso
 def per_row_mask(metric: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``int(C_in * s)`` lowest-scoring weights of each output row.
 
-    The sort is stable, so ties go to the lower column index as in the reference.
+    Same mask as a stable sort (ties go to the lower column index, NaN counts as largest),
+    found with a per-row ``kthvalue`` threshold; only rows with ties at the threshold
+    pay for the exact tie rule.
     """
     check_ratio(sparsity)
     k = int(metric.shape[1] * sparsity)
-    mask = torch.zeros_like(metric, dtype=torch.bool)
     if k == 0:
-        return mask
+        return torch.zeros_like(metric, dtype=torch.bool)
+    try:
+        thresh = torch.kthvalue(metric, k, dim=1, keepdim=True).values
+    except (NotImplementedError, RuntimeError):  # a backend without kthvalue
+        return _stable_lowest(metric, k)
+    mask = metric <= thresh
+    odd = (mask.sum(1) != k).nonzero().flatten()
+    for chunk in odd.split(max(1, _CHUNK_ELEMS // metric.shape[1])):
+        mask[chunk] = _ties_by_index(metric[chunk], thresh[chunk], k)
+    return mask
+
+
+def _stable_lowest(metric: torch.Tensor, k: int) -> torch.Tensor:
+    """The k lowest of each row by a stable sort: the definition the fast paths must match."""
     order = torch.sort(metric, dim=-1, stable=True)[1]
-    mask.scatter_(1, order[:, :k], True)
+    return torch.zeros_like(metric, dtype=torch.bool).scatter_(1, order[:, :k], True)
+
+
+def _ties_by_index(metric: torch.Tensor, thresh: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows whose k-th value ties: everything below it, then the tied ones from the left."""
+    below = metric < thresh
+    tied = metric == thresh
+    need = k - below.sum(1, keepdim=True)
+    mask = below | (tied & (tied.cumsum(1) <= need))
+    bad = (mask.sum(1) != k).nonzero().flatten()  # NaN thresholds: leave those rows to the sort
+    if bad.numel():
+        mask[bad] = _stable_lowest(metric[bad], k)
     return mask
 
 
 def per_layer_mask(metric: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``int(numel * s)`` lowest-scoring weights of the whole matrix.
 
-    Exactly k weights go (stable sort over the flattened matrix); the reference's
-    ``metric <= threshold`` can prune more than k when there are ties.
+    Exactly k weights go, as with a stable sort over the flattened matrix (ties go to the
+    lower flat index); the reference's ``metric <= threshold`` can prune more than k when
+    there are ties.
     """
     check_ratio(sparsity)
     k = int(metric.numel() * sparsity)
-    flat = torch.zeros(metric.numel(), dtype=torch.bool, device=metric.device)
-    if k:
-        order = torch.sort(metric.flatten(), stable=True)[1]
-        flat[order[:k]] = True
-    return flat.view_as(metric)
+    flat = metric.reshape(-1)
+    if k == 0:
+        return torch.zeros_like(metric, dtype=torch.bool)
+    try:
+        thresh = torch.kthvalue(flat, k).values
+    except (NotImplementedError, RuntimeError):
+        thresh = torch.tensor(float("nan"))
+    if torch.isnan(thresh):
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.sort(flat, stable=True)[1][:k]] = True
+        return mask.view_as(metric)
+    mask = flat <= thresh
+    if int(mask.sum()) != k:
+        mask = flat < thresh
+        need = k - int(mask.sum())
+        mask[(flat == thresh).nonzero().flatten()[:need]] = True
+    return mask.view_as(metric)
 
 
 def nm_mask(metric: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune the ``n`` lowest of every ``m`` consecutive input columns, vectorised.
+    """Prune the ``n`` lowest of every ``m`` consecutive input columns.
 
-    Trailing columns that do not fill a group of ``m`` are left dense.
+    The same mask as ``topk(largest=False)`` on each group (the reference's rule). Each
+    group's n-th and (n+1)-th smallest values come from a min/max selection network,
+    in row chunks that stay in cache; where they differ the mask is ``metric <= n-th``,
+    and only groups where they tie (or hold NaN) go through ``topk`` itself, so its
+    tie rule is kept. Trailing columns that do not fill a group of ``m`` stay dense.
     """
     check_nm(n, m)
     rows, cols = metric.shape
     full = (cols // m) * m
-    mask = torch.zeros_like(metric, dtype=torch.bool)
     if full == 0:
-        return mask
-    groups = metric[:, :full].float().reshape(rows, full // m, m)
-    idx = torch.topk(groups, n, dim=-1, largest=False)[1]
-    gmask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
-    mask[:, :full] = gmask.reshape(rows, full)
+        return torch.zeros_like(metric, dtype=torch.bool)
+    groups = metric[:, :full].reshape(rows, full // m, m)
+    if m > _MAX_NETWORK_M:
+        gmask = _topk_groups(groups, n)
+    else:
+        gmask = torch.empty(groups.shape, dtype=torch.bool, device=metric.device)
+        ties = torch.empty(groups.shape[:2], dtype=torch.bool, device=metric.device)
+        # Row chunks keep the temporaries in CPU caches; a GPU takes the matrix at once.
+        step = max(1, _CHUNK_ELEMS // full) if metric.device.type == "cpu" else rows
+        for r in range(0, rows, step):
+            lo, hi = nth_pair(groups[r : r + step], n, m)
+            torch.le(groups[r : r + step], lo.unsqueeze(-1), out=gmask[r : r + step])
+            torch.logical_or(lo == hi, torch.isnan(lo), out=ties[r : r + step])
+        if ties.any():
+            if metric.device.type == "cpu":  # CPU topk picks per group, whatever the batch shape
+                where = ties.nonzero(as_tuple=True)
+                gmask[where] = _topk_groups(groups[where], n)
+            else:
+                gmask = _topk_groups(groups, n)
+    if full == cols:
+        return gmask.view(rows, cols)
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    mask[:, :full] = gmask.view(rows, full)
     return mask
+
+
+def _topk_groups(groups: torch.Tensor, n: int) -> torch.Tensor:
+    idx = torch.topk(groups.float(), n, dim=-1, largest=False)[1]
+    return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(-1, idx, True)
 
 
 def variant_mask(
@@ -150,8 +221,8 @@ def pattern_sparsity(pattern: str, sparsity: float) -> float:
 
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero the masked weights in place."""
-    weight[mask] = 0
+    """Zero the masked weights in place (``masked_fill_``: no index list, unlike ``w[mask] = 0``)."""
+    weight.masked_fill_(mask, 0)
 
 
 def respects_nm(weight: torch.Tensor, n: int, m: int) -> bool:
