@@ -122,6 +122,7 @@ def render(record: dict) -> str:
              "row; the reference procedure is bench/reference_procedure.py (batch 1, hooks, two passes "
              "per block, whole model on the device).", ""]
     lines += table(record)
+    lines += [""] + [f"Note: {n}" for n in record.get("notes", [])]
     if record.get("skipped"):
         lines += ["", "Not measured (the installed engine does not offer them): " + ", ".join(record["skipped"])]
     if record.get("masks"):
