@@ -154,7 +154,11 @@ class Registry:
         try:
             config = cls.Config(**dict(options or {}))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in exc.errors())
+            allowed = ", ".join(cls.Config.model_fields)
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or name}: "
+                + (f"unknown option (check the spelling; {name} takes: {allowed})" if e["type"] == "extra_forbidden"
+                   else e["msg"].removeprefix("Value error, ")) for e in exc.errors())
             raise ConfigError(f"{kind} {name!r} options are invalid: {problems}") from None
         return cls(config)
 

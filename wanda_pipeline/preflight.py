@@ -18,7 +18,7 @@ from wanda_pipeline.config import PipelineSpec, SaveSpec
 from wanda_pipeline.data import local_document_file
 from wanda_pipeline.errors import DataError, OutputError, PreflightError, WandaPipelineError
 from wanda_pipeline.plugins import Registry, discover
-from wanda_pipeline.sourcecheck import SourceFacts, check_model, check_text_file
+from wanda_pipeline.sourcecheck import SourceFacts, can_write, check_model, check_text_file
 from wanda_pipeline.stages import Plugins, build_plugins
 
 
@@ -125,7 +125,7 @@ def check_devices(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineErr
 def _writable_ancestor(path: Path) -> Path | None:
     for p in [path, *path.parents]:
         if p.exists():
-            return p if os.access(p, os.W_OK | os.X_OK) else None
+            return p if p.is_dir() and can_write(p) else None
     return None
 
 
@@ -158,7 +158,7 @@ def check_outputs(outputs: list[Output], facts: SourceFacts) -> list[WandaPipeli
 
 def check_tmp(needs_bytes: int) -> list[WandaPipelineError]:
     tmp = Path(tempfile.gettempdir())
-    if not os.access(tmp, os.W_OK):
+    if not can_write(tmp):
         return [OutputError(f"temporary folder {tmp} is not writable; set TMPDIR to a writable folder")]
     free = shutil.disk_usage(tmp).free
     if needs_bytes and free < needs_bytes * 1.1:

@@ -146,3 +146,22 @@ def check_text_file(path: Path, what: str) -> list[WandaPipelineError]:
     if not any(d.strip() for d in docs):
         return [DataError(f"{what} file {path} has no text; give a file with text in it")]
     return []
+
+
+def can_write(folder: Path) -> bool:
+    """Try it (permission bits say nothing for root or a read-only mount)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".wanda-write-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def can_write_file(path: Path) -> bool:
+    try:
+        with path.open("r+b"):
+            return True
+    except OSError:
+        return False

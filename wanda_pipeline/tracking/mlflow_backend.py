@@ -94,7 +94,9 @@ class MLflowTracker:
                 db.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise TrackingError(f"cannot create the MLflow database folder {db.parent}: {exc}") from None
-            if not os.access(db if db.exists() else db.parent, os.W_OK) or not os.access(db.parent, os.W_OK):
+            from wanda_pipeline.sourcecheck import can_write, can_write_file
+
+            if not can_write(db.parent) or (db.exists() and not can_write_file(db)):
                 raise TrackingError(f"the MLflow database {db} (or its folder) is read-only; make it writable, or "
                                     f"set tracking.uri / MLFLOW_TRACKING_URI to a writable sqlite:///PATH")
         self._connect()
@@ -114,8 +116,10 @@ class MLflowTracker:
         from urllib.parse import unquote, urlparse
 
         folder = Path(unquote(urlparse(location).path))
+        from wanda_pipeline.sourcecheck import can_write
+
         base = next((p for p in [folder, *folder.parents] if p.exists()), None)
-        if base is None or not os.access(base, os.W_OK):
+        if base is None or not can_write(base):
             raise TrackingError(f"the MLflow artifact folder {folder} is not writable; fix its permissions or "
                                 f"use a new experiment name (tracking.experiment)")
 
