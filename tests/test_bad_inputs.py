@@ -108,6 +108,10 @@ CASES = [
         "name": "wanda", "pattern": "2:4", "sparsity": 0.7}))], {}, 2, ["prunes exactly 2/4"]),
     ("sweep-sparsity-out-of-range", lambda t, m: ["validate", _write(t / "s.yaml", SWEEP)], {}, 2,
      ["sweeps.s.sparsities.1.pruner.sparsity", "[0, 1)"]),
+    ("validate-seqlen-above-max", lambda t, m: ["validate", str(pipelines(t, str(m), calibration={
+        "source": "c4", "seqlen": 100000}))], {}, 2, ["pipelines.p:", "calibration.seqlen=100000 exceeds"]),
+    ("validate-deep-missing-data", lambda t, m: ["validate", "--deep", str(pipelines(t, str(m), calibration={
+        "source": str(t / "none.jsonl")}))], {}, 4, ["none.jsonl does not exist"]),
     ("zeroshot-data-missing", lambda t, m: ["run", "p", "-f", str(pipelines(t, str(m), evaluators=[
         {"name": "zeroshot", "data_dir": str(t / "nodata")}]))], {}, 4, ["no local data for tasks", "data_dir"]),
     ("many-problems-at-once", lambda t, m: prune(t / "no-model", "--device", "cuda", "--sparsity_type", "2:4",

@@ -28,14 +28,27 @@ def _load_file(args, with_plugins: bool = True):
 
 
 def cmd_validate(args) -> int:
-    doc = _load_file(args)
-    print(f"{args.file}: OK, {len(doc.pipelines)} pipeline(s), {len(doc.sweeps)} sweep(s)")
-    if args.deep:
-        from wanda_pipeline.preflight import preflight
+    from wanda_pipeline.errors import PreflightError
+    from wanda_pipeline.plugins import discover
+    from wanda_pipeline.preflight import preflight, static_problems
 
-        for name, spec in doc.pipelines.items():
-            preflight(spec)
-            print(f"  {name}: preflight OK (model files, data, devices, outputs)")
+    doc = _load_file(args)
+    registry = discover()
+    for name, spec in doc.pipelines.items():
+        problems, notes = static_problems(spec, registry)
+        for note in notes:
+            print(f"note: pipelines.{name}: {note} (on this machine)", file=sys.stderr)
+        if args.deep and not problems:
+            try:
+                preflight(spec, registry=registry)
+            except PreflightError as exc:
+                problems = exc.problems
+        if problems:
+            exc = PreflightError(problems)
+            exc.args = (f"pipelines.{name}: {exc}",)
+            raise exc
+    what = "preflight OK (model files, data, devices, outputs)" if args.deep else "seqlens checked (--deep: preflight)"
+    print(f"{args.file}: OK, {len(doc.pipelines)} pipeline(s), {len(doc.sweeps)} sweep(s); {what}")
     return 0
 
 

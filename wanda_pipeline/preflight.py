@@ -199,3 +199,13 @@ def preflight(spec: PipelineSpec, tracker=None, outputs: list[Output] | None = N
     if problems:
         raise PreflightError(problems)
     return Checked(spec=spec, plugins=plugins, source=facts)
+
+
+def static_problems(spec: PipelineSpec, registry: Registry) -> tuple[list[WandaPipelineError], list[str]]:
+    """What ``validate`` adds without touching data or servers: (errors, notes). Errors: seqlen
+    against a local model's config.json. Notes: devices this machine lacks (the file may be
+    meant for another machine; preflight makes them errors at run time)."""
+    problems: list[WandaPipelineError] = []
+    plugins = build_plugins(spec, registry, problems)
+    facts, _ = check_model(spec.model)
+    return check_seqlens(spec, plugins, facts), [str(p) for p in check_devices(spec, plugins)]

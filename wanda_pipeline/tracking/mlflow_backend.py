@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from wanda_pipeline.errors import Interrupted, TrackingError
+from wanda_pipeline.errors import TrackingError
 
 # MLflow's defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout).
 # A pipeline should fail in seconds instead; a user can still set these higher.
@@ -165,7 +165,9 @@ class MLflowTracker:
         try:
             yield active.info.run_id
             status = "FINISHED"
-        except (Interrupted, KeyboardInterrupt):
+        except Exception:
+            raise
+        except BaseException:  # our Interrupted, Prefect's TerminationSignal, SystemExit: a signal, not a bug
             status = "KILLED"
             raise
         finally:

@@ -7,7 +7,7 @@ import getpass
 import time
 from typing import Any
 
-from wanda_pipeline.errors import Interrupted, TrackingError
+from wanda_pipeline.errors import TrackingError
 
 
 def _not_found(exc: Exception) -> bool:
@@ -72,7 +72,7 @@ class ModelRegistry:
                     client.delete_registered_model(name)
             except Exception:
                 pass
-            if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+            if not isinstance(exc, Exception):  # a signal: roll back, then let it through
                 raise
             raise TrackingError(f"registering {name!r} failed and was rolled back: {exc}") from exc
 
