@@ -112,6 +112,8 @@ CASES = [
         "source": "c4", "seqlen": 100000}))], {}, 2, ["pipelines.p:", "calibration.seqlen=100000 exceeds"]),
     ("validate-deep-missing-data", lambda t, m: ["validate", "--deep", str(pipelines(t, str(m), calibration={
         "source": str(t / "none.jsonl")}))], {}, 4, ["none.jsonl does not exist"]),
+    ("sweep-points-save-to-one-folder", lambda t, m: ["sweep", "s", "-f", _write(t / "ss.yaml", SWEEP_SAVE.replace(
+        "MODEL", str(m)))], {}, 2, ["same folder", "remove `save`"]),
     ("zeroshot-data-missing", lambda t, m: ["run", "p", "-f", str(pipelines(t, str(m), evaluators=[
         {"name": "zeroshot", "data_dir": str(t / "nodata")}]))], {}, 4, ["no local data for tasks", "data_dir"]),
     ("many-problems-at-once", lambda t, m: prune(t / "no-model", "--device", "cuda", "--sparsity_type", "2:4",
@@ -127,6 +129,11 @@ SWEEP = """pipelines:
   p: {model: {source: smollm2-135m}, pruner: {name: wanda}}
 sweeps:
   s: {pipeline: p, sparsities: [0.5, 1.5]}
+"""
+SWEEP_SAVE = """pipelines:
+  p: {model: {source: MODEL}, pruner: {name: wanda}, save: prune-out}
+sweeps:
+  s: {pipeline: p, sparsities: [0.3, 0.5]}
 """
 
 

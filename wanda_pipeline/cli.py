@@ -113,6 +113,13 @@ def cmd_sweep(args) -> int:
     from wanda_pipeline.pipelines_file import sweep_points
 
     points = sweep_points(_load_file(args, with_plugins=False), args.name)
+    saves = [PipelineSpec(**p["spec"]).save for p in points]
+    paths = [s.path for s in saves if s is not None]
+    if len(paths) != len(set(paths)):
+        from wanda_pipeline.errors import ConfigError
+
+        raise ConfigError(f"sweep {args.name!r}: several points would save to the same folder {paths}; "
+                          f"remove `save` from the swept pipeline or save each point elsewhere")
     for point in points:
         _checked_spec(PipelineSpec(**point["spec"]))
     from wanda_pipeline.orchestration.sweep import sweep

@@ -20,7 +20,7 @@ from torch import nn
 from wanda_pipeline.config import CalibrationSpec, EngineSpec, ModelSpec, PipelineSpec, SaveSpec
 from wanda_pipeline.data import Windows, calibration_windows, default_seqlen, local_document_file
 from wanda_pipeline.engine import LayerEngine
-from wanda_pipeline.errors import PluginError, RunError, WandaPipelineError
+from wanda_pipeline.errors import OutputError, PluginError, RunError, WandaPipelineError
 from wanda_pipeline.models import ModelInfo, find_blocks, find_linears, linear_weight_view, load_model
 from wanda_pipeline.plugins import EvalResult, Registry
 from wanda_pipeline.pruning import PruneOutcome, prune_model
@@ -182,7 +182,13 @@ def save(loaded: Loaded, spec: SaveSpec, provenance: dict) -> str:
     """Write the model to ``spec.path`` atomically, in ``spec.format`` (only 'hf' today)."""
     from wanda_pipeline.saving import save_model
 
-    return str(save_model(loaded.model, loaded.tokenizer, spec.path, provenance, overwrite=spec.overwrite))
+    try:
+        return str(save_model(loaded.model, loaded.tokenizer, spec.path, provenance, overwrite=spec.overwrite))
+    except FileExistsError:
+        raise OutputError(f"save folder {spec.path} appeared while the run was going (another run?); nothing was "
+                          f"written. Choose another folder or set save.overwrite") from None
+    except OSError as exc:
+        raise OutputError(f"could not write {spec.path}: {exc}; nothing was left half-written") from exc
 
 
 def peak_rss_bytes() -> int:
