@@ -176,7 +176,7 @@ def test_bad_input(case, build, env, code, fragments, tmp_path, tiny_dir, monkey
     err = capsys.readouterr().err
     for fragment in fragments:
         assert fragment in err, (fragment, err)
-    assert "[stage]" not in err and "Created task run" not in err  # nothing heavy ran
+    assert "[stage] load" not in err and "Task run 'load" not in err  # no model was loaded
     assert "Traceback" not in err
     assert leftovers(tmp_path) == []
     assert json.dumps(sorted(p.name for p in Path(tiny_dir).iterdir())) == before  # the source is untouched

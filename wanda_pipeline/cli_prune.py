@@ -75,7 +75,7 @@ def announce(name: str, fn, *a, cache_key=None):
 
 
 def cmd_prune(args) -> int:
-    from wanda_pipeline.preflight import Output, preflight, spec_outputs
+    from wanda_pipeline.preflight import Output, spec_outputs
     from wanda_pipeline.run import execute
 
     spec = prune_spec(args)
@@ -85,9 +85,8 @@ def cmd_prune(args) -> int:
 
         tracker = MLflowTracker(args.tracking_uri, args.experiment)
     outputs = spec_outputs(spec) + ([Output(args.save, "results-log folder", overwrite=True)] if args.save else [])
-    checked = preflight(spec, tracker, outputs)
     result = execute(spec, pipeline=f"prune-{args.prune_method}", tracker=tracker, run_stage=announce,
-                     checked=checked)
+                     outputs=outputs)
     m = result.metrics
     sparsity = m["sparsity_total"]
     print("*" * 30)
