@@ -131,7 +131,14 @@ def cmd_sweep(args) -> int:
 def cmd_serve(args) -> int:
     from wanda_pipeline.orchestration.serve import serve_scheduled
 
-    serve_scheduled(_load_file(args), names=args.names or None)
+    doc = _load_file(args)
+    try:
+        serve_scheduled(doc, names=args.names or None)
+    except OSError as exc:  # e.g. the runner's port is held by another program
+        from wanda_pipeline.errors import OutputError
+
+        raise OutputError(f"serve could not start: {exc}. If a port is in use, stop the program holding it or "
+                          f"set PREFECT_RUNNER_SERVER_PORT to a free one") from exc
     return 0
 
 
