@@ -60,7 +60,7 @@ class PreflightError(WandaPipelineError):
         self.problems = problems
         self.exit_code = min(p.exit_code for p in problems)
         lines = "\n".join(f"  - [{type(p).__name__}] {p}" for p in problems)
-        super().__init__(f"preflight found {len(problems)} problem(s); nothing was read or written:\n{lines}")
+        super().__init__(f"preflight found {len(problems)} problem(s); stopped before any model load:\n{lines}")
 
 
 class Interrupted(KeyboardInterrupt):
