@@ -50,39 +50,23 @@ def machine() -> dict:
 
 
 def run_one(label: str, args) -> dict:
-    """One method in this process: load, calibrate, prune, evaluate; stage times and peak RSS."""
-    from wanda_pipeline import stages
+    """One method in this process, on the one run path (``run.execute``): stage times and peak RSS."""
     from wanda_pipeline.config import PipelineSpec
-    from wanda_pipeline.data import wikitext2_test_tokens
-    from wanda_pipeline.evaluators.perplexity import perplexity
-    from wanda_pipeline.evaluators.sparsity_report import sparsity_table, summarize
-    from wanda_pipeline.plugins import discover
+    from wanda_pipeline.run import execute
 
-    pruner = METHODS[label]
+    pruner = METHODS[label] or {"name": "magnitude", "sparsity": 0.0}  # dense: prune nothing
     spec = PipelineSpec(model={"source": args.model},
                         calibration={"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-                        pruner=pruner or {"name": "magnitude"}, engine={"device": args.device},
+                        pruner=pruner, engine={"device": args.device}, dense_baseline=False,
+                        evaluators=[{"name": "perplexity", "seqlen": args.eval_seqlen, "windows": args.eval_windows,
+                                     "device": args.device}, {"name": "sparsity"}],
                         register={"enabled": False})
-    times = {}
-    t = time.perf_counter()
-    loaded = stages.load(spec.model)
-    times["load"] = time.perf_counter() - t
-    if pruner:
-        plugin = stages.build_plugins(spec, discover()).pruner
-        t = time.perf_counter()
-        windows = stages.calibrate(spec.calibration, loaded) if plugin.required_stats() else None
-        times["calibrate"] = time.perf_counter() - t
-        t = time.perf_counter()
-        stages.prune(loaded, windows, plugin, spec, progress=False)
-        times["prune"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tokens = wikitext2_test_tokens(loaded.tokenizer)
-    ppl, used = perplexity(loaded.model, tokens, args.eval_seqlen, args.eval_windows, device=args.device,
-                           progress=False)
-    times["evaluate"] = time.perf_counter() - t
-    return {"method": label, "ppl_wikitext2": ppl, "eval_windows": used, "eval_seqlen": args.eval_seqlen,
-            "sparsity": summarize(sparsity_table(loaded.model))["sparsity_total"], "seconds": times,
-            "peak_rss_bytes": stages.peak_rss_bytes()}
+    result = execute(spec, pipeline=label, progress=False)
+    m = result.metrics
+    return {"method": label, "ppl_wikitext2": m["ppl_wikitext2"],
+            "eval_windows": result.protocols["perplexity"]["windows"],
+            "eval_seqlen": args.eval_seqlen, "sparsity": m["sparsity_total"], "seconds": result.seconds,
+            "peak_rss_bytes": int(m["peak_rss_bytes"])}
 
 
 def nm_timing(repeats: int = 5) -> dict:

@@ -42,13 +42,8 @@ SELF_CALIBRATION = {"wanda 50% (self calibration)"}
 
 
 def main() -> None:
-    from wanda_pipeline import stages
     from wanda_pipeline.config import PipelineSpec
-    from wanda_pipeline.data import wikitext2_test_tokens
-    from wanda_pipeline.evaluators.perplexity import perplexity
-    from wanda_pipeline.evaluators.sparsity_report import sparsity_table, summarize
-    from wanda_pipeline.evaluators.zeroshot import ZeroShotConfig, ZeroShotEvaluator
-    from wanda_pipeline.plugins import discover
+    from wanda_pipeline.run import execute
 
     p = argparse.ArgumentParser()
     p.add_argument("--nsamples", type=int, default=32)
@@ -68,58 +63,36 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(args), "runs": []}
-    registry = discover()
-    windows = None
-    eval_tokens = None
     for label, pruner, allocation, quantizer in ROWS:
         if args.rows and label not in args.rows:
             continue
-        spec = PipelineSpec(model={"source": "smollm2-135m"},
-                            calibration={"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-                            pruner=pruner or {"name": "magnitude"}, allocation=allocation or {},
-                            quantizer=quantizer, register={"enabled": False})
-        plugins = stages.build_plugins(spec, registry)
-        t = {}
-        t0 = time.perf_counter()
-        loaded = stages.load(spec.model)
-        if windows is None:
-            windows = stages.calibrate(spec.calibration, loaded)  # the same windows for every row
-            eval_tokens = wikitext2_test_tokens(loaded.tokenizer)
-        row = {"method": label}
-        row_windows = windows
-        if label in SELF_CALIBRATION:  # data-free: text sampled from the model itself, same shape and seed
-            t0 = time.perf_counter()
-            row_windows = stages.calibrate(spec.calibration.model_copy(update={"source": "self"}), loaded)
-            t["calibrate_self"] = time.perf_counter() - t0
-        if pruner:
-            t0 = time.perf_counter()
-            outcome = stages.prune(loaded, row_windows, plugins.pruner, spec, progress=False)
-            t["prune"] = time.perf_counter() - t0
-            row["block_ratios"] = outcome.block_ratios
-            row["counters"] = outcome.counters
+        source = "self" if label in SELF_CALIBRATION else "c4"  # data-free: text sampled from the model itself
+        spec = PipelineSpec(
+            model={"source": "smollm2-135m"}, pruner=pruner or {"name": "magnitude", "sparsity": 0.0},
+            calibration={"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+            allocation=allocation or {}, quantizer=quantizer, dense_baseline=False, register={"enabled": False},
+            evaluators=[{"name": "perplexity", "seqlen": args.eval_seqlen, "windows": args.eval_windows},
+                        {"name": "zeroshot", "limit": args.zeroshot_limit, "batch_size": 8}, {"name": "sparsity"}])
+        result = execute(spec, pipeline=label, progress=False)  # the same seed and source give the same windows
+        m = result.metrics
+        row = {"method": label, "block_ratios": result.block_targets, "seconds": result.seconds,
+               "ppl_wikitext2": m["ppl_wikitext2"], "eval_windows": result.protocols["perplexity"]["windows"],
+               "zeroshot_mean": m["zeroshot_mean"], "sparsity": m["sparsity_total"],
+               "zeroshot": {k.removeprefix("zeroshot_").removesuffix("_acc"): v for k, v in m.items()
+                            if k.startswith("zeroshot_") and k.endswith("_acc")},
+               "counters": {k: v for k, v in m.items() if k.startswith("counter_")}}
         if quantizer:
-            t0 = time.perf_counter()
-            q = stages.quantize(loaded.model, plugins.quantizer, spec.engine)
-            t["quantize"] = time.perf_counter() - t0
-            row["bits_per_weight"] = q.bits_per_weight
-            row["quant_model_bytes"] = q.model_bytes
-        t0 = time.perf_counter()
-        row["ppl_wikitext2"], row["eval_windows"] = perplexity(loaded.model, eval_tokens, args.eval_seqlen,
-                                                               args.eval_windows, progress=False)
-        t["perplexity"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        zs = ZeroShotEvaluator(ZeroShotConfig(limit=args.zeroshot_limit, batch_size=8)).evaluate(
-            loaded.model, loaded.tokenizer)
-        t["zeroshot"] = time.perf_counter() - t0
-        row["zeroshot_mean"] = zs.metrics["zeroshot_mean"]
-        row["zeroshot"] = {r["task"]: r["acc"] for r in zs.tables["zeroshot"]}
-        row["sparsity"] = summarize(sparsity_table(loaded.model))["sparsity_total"]
-        row["seconds"] = t
+            row["bits_per_weight"] = m["quant_bits_per_weight"]
+            row["quant_model_bytes"] = m["quant_model_bytes"]
         record["runs"].append(row)
         (out_dir / f"{args.tag}.json").write_text(json.dumps(record, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k not in ("block_ratios", "zeroshot")}), flush=True)
 
     render(record, out_dir / f"{args.tag}.md")
+
+
+def _eval_seconds(s: dict) -> float:
+    return s.get("evaluate", s.get("perplexity", 0) + s.get("zeroshot", 0))  # older records split the two
 
 
 def render(record: dict, path: Path) -> None:
@@ -142,7 +115,7 @@ def render(record: dict, path: Path) -> None:
         s = r["seconds"]
         lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {r['ppl_wikitext2']:.2f} | {ratio} | "
                      f"{r['zeroshot_mean']:.3f} | " + " | ".join(f"{r['zeroshot'][t]:.2f}" for t in tasks)
-                     + f" | {s.get('prune', 0) + s.get('quantize', 0):.0f} | {s['perplexity'] + s['zeroshot']:.0f} |")
+                     + f" | {s.get('prune', 0) + s.get('quantize', 0):.0f} | {_eval_seconds(s):.0f} |")
     if missing:
         lines += ["", f"Not finished in this run: {', '.join(missing)}."]
     path.write_text("\n".join(lines) + "\n")

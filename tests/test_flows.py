@@ -4,12 +4,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flows.compress import compress, sweep
 from tests.conftest import needs_data, quick_spec
 from wanda_pipeline.data import wikitext2_test_tokens
-from wanda_pipeline.errors import DataError
+from wanda_pipeline.errors import PreflightError
 from wanda_pipeline.evaluators.perplexity import perplexity
 from wanda_pipeline.models import state_digest
+from wanda_pipeline.orchestration.compress import compress
+from wanda_pipeline.orchestration.sweep import sweep
 from wanda_pipeline.tracking import MLflowTracker
 
 pytestmark = [pytest.mark.slow, needs_data, pytest.mark.usefixtures("prefect_harness")]
@@ -32,7 +33,7 @@ def registry(tmp_path_factory):
 
 def test_flow_runs_every_stage_and_tracks_it(registry):
     summary = compress("smollm2-demo", quick_spec("smollm2-135m", registry))
-    expected = ["validate", "load", "calibrate", "evaluate-dense", "prune", "evaluate", "register"]
+    expected = ["preflight", "load", "calibrate", "evaluate-dense", "prune", "evaluate", "register"]
     assert summary["stages"] == expected
     assert task_names_in_order(summary["prefect_flow_run_id"]) == expected  # as Prefect recorded them
     m = summary["metrics"]
@@ -89,7 +90,7 @@ def test_better_version_takes_the_alias_over_with_quantize_stage(registry):
     spec = quick_spec("smollm2-135m", registry, pruner={"name": "wanda", "sparsity": 0.3},
                       quantizer={"name": "rtn", "bits": 8})
     summary = compress("smollm2-demo", spec)
-    assert summary["stages"] == ["validate", "load", "calibrate", "evaluate-dense", "prune", "quantize",
+    assert summary["stages"] == ["preflight", "load", "calibrate", "evaluate-dense", "prune", "quantize",
                                  "evaluate", "register"]
     assert summary["metrics"]["quant_bits_per_weight"] == pytest.approx(8 + 16 / 128)
     reg = summary["registration"]
@@ -116,12 +117,12 @@ def test_manual_promotion_is_recorded(registry):
 
 def test_bad_inputs_stop_before_heavy_work(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(DataError, match="/no/such/model"):
+    with pytest.raises(PreflightError, match="/no/such/model"):
         compress("bad-model", quick_spec("/no/such/model", uri))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     spec = quick_spec("smollm2-135m", uri, calibration={"source": str(empty), "nsamples": 2, "seqlen": 64})
-    with pytest.raises(DataError, match="empty|no text"):
+    with pytest.raises(PreflightError, match="empty|no text"):
         compress("bad-data", spec)
     client = MlflowClient(uri, uri)
     assert client.search_registered_models() == []
@@ -155,7 +156,7 @@ def test_missing_evaluation_file_fails_in_validate(tmp_path, tiny_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = quick_spec(str(tiny_dir), uri, evaluators=[{"name": "perplexity", "path": str(tmp_path / "none.txt"),
                                                        "seqlen": 128, "windows": 2}, {"name": "sparsity"}])
-    with pytest.raises(DataError, match="none.txt"):
+    with pytest.raises(PreflightError, match="none.txt"):
         compress("tiny-missing-eval", spec)
     client = MlflowClient(uri, uri)
     exp = client.get_experiment_by_name("tests")

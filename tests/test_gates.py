@@ -35,3 +35,26 @@ def test_missing_metrics_fail_closed():
     assert not res["max_ppl_ratio"].passed
     assert by_name(evaluate_gates(GateSpec(beat_champion="ppl_wikitext2"), PRUNED, DENSE, 0.5, None))[
         "beat_champion"].passed  # no champion yet: the first one wins
+
+
+def test_decide_promotes_only_when_every_gate_passes():
+    import itertools
+
+    from wanda_pipeline.tracking.gates import GateResult
+    from wanda_pipeline.tracking.promotion import decide
+
+    names = ["max_ppl_ratio", "min_zeroshot_ratio", "min_sparsity", "beat_champion"]
+    for outcome in itertools.product([True, False], repeat=len(names)):
+        gates = [GateResult(n, ok, f"{n} detail") for n, ok in zip(names, outcome, strict=True)]
+        d = decide(gates)
+        assert d.promote == all(outcome)
+        for n, ok in zip(names, outcome, strict=True):
+            assert (f"{n}: {n} detail" in d.reason) == (not ok)
+
+
+def test_registry_error_fails_closed_even_if_every_gate_passes():
+    from wanda_pipeline.tracking.gates import GateResult
+    from wanda_pipeline.tracking.promotion import decide
+
+    d = decide([GateResult("min_sparsity", True, "ok")], registry_error="connection refused")
+    assert not d.promote and "registry error: connection refused" in d.reason

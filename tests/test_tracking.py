@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import free_port
 from wanda_pipeline.errors import TrackingError
-from wanda_pipeline.tracking import MLflowTracker, resolve_tracking_uri
+from wanda_pipeline.tracking import MLflowTracker, ModelRegistry, resolve_tracking_uri
 from wanda_pipeline.tracking.mlflow_backend import flatten, metric_key
 
 
@@ -32,7 +32,7 @@ def test_failed_registration_leaves_nothing_behind(tmp_path):
     tracker.check()
     with tracker.run("r"):
         with pytest.raises(TrackingError, match="rolled back"):
-            tracker.register("runs:/abc/model", "half-made", {"bad/../key": "x"})
+            ModelRegistry(tracker).register("runs:/abc/model", "half-made", {"bad/../key": "x"})
     assert tracker.client.search_model_versions("name='half-made'") == []
     assert tracker.client.search_registered_models() == []
 

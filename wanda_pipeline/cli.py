@@ -1,140 +1,74 @@
 """The ``wanda-pipeline`` command.
 
-``prune`` mirrors the reference repo's ``main.py`` and runs the library directly;
-``run``, ``sweep`` and ``serve`` go through the Prefect flows; ``validate``, ``list``,
-``plugins`` and ``promote`` inspect or change state. Exit codes come from
-:mod:`wanda_pipeline.errors` (2 config, 3 plugin, 4 data, 5 run, 6 tracking).
+``prune`` mirrors the reference repo's ``main.py``; ``run`` and ``sweep`` go through the Prefect
+flows; all three run preflight first and then the one stage sequence in
+:mod:`wanda_pipeline.run`. ``validate``, ``list``, ``plugins`` and ``promote`` inspect or
+change state. Exit codes: :mod:`wanda_pipeline.errors` (docs/failures.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
-from pathlib import Path
+import traceback
 
-from wanda_pipeline.errors import ConfigError, WandaPipelineError
-
-
-def _print_table(rows: list[dict], title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    if not rows:
-        return
-    table = Table(title=title)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    for c in cols:
-        table.add_column(str(c))
-    for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
-    Console(width=160).print(table)
+from wanda_pipeline.cli_prune import add_prune_parser
+from wanda_pipeline.console import print_summary, print_table
+from wanda_pipeline.errors import EXIT_INTERNAL, Interrupted, WandaPipelineError
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-# ---------------------------------------------------------------- prune (reference-style)
-def _prune_spec(args):
-    from wanda_pipeline.config import PipelineSpec
-
-    evaluators = [{"name": "sparsity"}]
-    if args.eval_windows != 0:
-        evaluators.insert(0, {"name": "perplexity", "seqlen": args.eval_seqlen or args.seqlen,
-                              "windows": args.eval_windows, "path": args.eval_path})
-    pruner = {"name": args.prune_method, "sparsity": args.sparsity_ratio, "pattern": args.sparsity_type}
-    if args.use_variant:
-        pruner["use_variant"] = True
-    try:
-        return PipelineSpec(
-            model={"source": args.model, "dtype": args.dtype},
-            calibration={"source": args.calibration, "path": args.calibration_path, "nsamples": args.nsamples,
-                         "seqlen": args.seqlen, "seed": args.seed},
-            pruner=pruner,
-            engine={"device": args.device, "batch_size": args.batch_size, "include": args.include,
-                    "exclude": args.exclude},
-            evaluators=evaluators,
-            register={"enabled": False},
-        )
-    except Exception as exc:
-        raise ConfigError(f"invalid flags: {exc}") from None
-
-
-def cmd_prune(args) -> int:
-    from wanda_pipeline import stages
-    from wanda_pipeline.plugins import discover
-    from wanda_pipeline.saving import save_model
-
-    spec = _prune_spec(args)
-    plugins = stages.build_plugins(spec, discover())
-    clock = stages.StageClock()
-    loaded = clock.timed("load", stages.load, spec.model)
-    print(f"loaded {args.model}: {loaded.info.family}, {loaded.info.n_blocks} blocks at {loaded.info.blocks_path}")
-    windows = None
-    if plugins.pruner.required_stats():
-        windows = clock.timed("calibrate", stages.calibrate, spec.calibration, loaded)
-        print(f"calibration: {windows.nsamples} x {windows.seqlen} tokens from {windows.source} "
-              f"(seed {windows.seed}, digest {windows.digest})")
-    outcome = clock.timed("prune", stages.prune, loaded, windows, plugins.pruner, spec)
-    results = clock.timed("evaluate", stages.evaluate, loaded.model, loaded.tokenizer, plugins.evaluators)
-    sparsity = results["sparsity"].metrics["sparsity_total"]
-    print("*" * 30)
-    print(f"sparsity sanity check {sparsity:.4f}")
-    ppl = None
-    if "perplexity" in results:
-        r = results["perplexity"]
-        ppl = next(iter(r.metrics.values()))
-        print(f"wikitext perplexity {ppl:.4f}  ({r.protocol['windows']} windows x {r.protocol['seqlen']} tokens)")
-    print("*" * 30)
-    print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in clock.seconds.items()))
-    if args.save:
-        out = Path(args.save)
-        out.mkdir(parents=True, exist_ok=True)
-        log = out / f"log_{args.prune_method}.txt"
-        with log.open("w") as f:
-            print("method\tactual_sparsity\tppl_test", file=f)
-            print(f"{args.prune_method}\t{sparsity:.4f}\t{ppl if ppl is not None else 'nan'}", file=f)
-    if args.save_model:
-        provenance = {
-            "model": vars(loaded.info), "pruner": {"name": args.prune_method, **plugins.pruner.config.model_dump()},
-            "calibration": {**spec.calibration.model_dump(), "digest": windows.digest if windows else None},
-            "block_sparsity_targets": outcome.block_ratios, "sparsity_total": sparsity,
-            "metrics": {k: v.metrics for k, v in results.items()},
-        }
-        save_model(loaded.model, loaded.tokenizer, args.save_model, provenance)
-        print(f"saved pruned model to {args.save_model}")
-    return 0
-
-
-# ---------------------------------------------------------------- pipelines
 def _load_file(args, with_plugins: bool = True):
-    from wanda_pipeline.config import load_file
+    from wanda_pipeline.pipelines_file import load_file
     from wanda_pipeline.plugins import discover
 
     return load_file(args.file, discover() if with_plugins else None)
 
 
 def cmd_validate(args) -> int:
+    from wanda_pipeline.errors import PreflightError
+    from wanda_pipeline.plugins import discover
+    from wanda_pipeline.preflight import preflight, static_problems
+
     doc = _load_file(args)
-    print(f"{args.file}: OK, {len(doc.pipelines)} pipeline(s), {len(doc.sweeps)} sweep(s)")
+    registry = discover()
+    for name, spec in doc.pipelines.items():
+        problems, notes = static_problems(spec, registry)
+        for note in notes:
+            print(f"note: pipelines.{name}: {note} (on this machine)", file=sys.stderr)
+        if args.deep and not problems:
+            try:
+                preflight(spec, registry=registry)
+            except PreflightError as exc:
+                problems = exc.problems
+        if problems:
+            exc = PreflightError(problems)
+            exc.args = (f"pipelines.{name}: {exc}",)
+            raise exc
+    what = "preflight OK (model files, data, devices, outputs)" if args.deep else "seqlens checked (--deep: preflight)"
+    print(f"{args.file}: OK, {len(doc.pipelines)} pipeline(s), {len(doc.sweeps)} sweep(s); {what}")
     return 0
 
 
 def cmd_list(args) -> int:
-    doc = _load_file(args, with_plugins=False)
-    rows = [{"pipeline": n, "model": p.model.source, "pruner": p.pruner.name,
-             "sparsity": p.pruner.options().get("sparsity", 0.5),
-             "pattern": p.pruner.options().get("pattern", "unstructured"),
-             "quantizer": p.quantizer.name if p.quantizer else "-",
-             "schedule": f"{p.schedule.cron} ({p.schedule.timezone})" if p.schedule else "-",
-             "description": p.description} for n, p in doc.pipelines.items()]
-    _print_table(rows, "pipelines")
+    doc = _load_file(args)
+    from wanda_pipeline.plugins import discover
+
+    registry = discover()
+    rows = []
+    for n, p in doc.pipelines.items():
+        pruner = registry.create("pruner", p.pruner.name, p.pruner.options()).config
+        rows.append({"pipeline": n, "model": p.model.source, "pruner": p.pruner.name,
+                     "sparsity": pruner.target_sparsity, "pattern": pruner.pattern,
+                     "quantizer": p.quantizer.name if p.quantizer else "-",
+                     "schedule": f"{p.schedule.cron} ({p.schedule.timezone})" if p.schedule else "-",
+                     "description": p.description})
+    print_table(rows, "pipelines")
     if doc.sweeps:
-        _print_table([{"sweep": n, "pipeline": s.pipeline, "sparsities": s.sparsities, "pipelines": s.pipelines}
-                      for n, s in doc.sweeps.items()], "sweeps")
+        print_table([{"sweep": n, "pipeline": s.pipeline, "sparsities": s.sparsities, "pipelines": s.pipelines}
+                     for n, s in doc.sweeps.items()], "sweeps")
     return 0
 
 
@@ -149,87 +83,79 @@ def cmd_plugins(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        _print_table(rows, "plugins")
+        print_table(rows, "plugins")
     return 0
+
+
+def _checked_spec(spec):
+    """Preflight in this process, before Prefect starts, so bad input never waits for a server."""
+    from wanda_pipeline.preflight import preflight
+    from wanda_pipeline.tracking import MLflowTracker
+
+    preflight(spec, MLflowTracker(spec.tracking.uri, spec.tracking.experiment))
 
 
 def cmd_run(args) -> int:
-    from flows.compress import run_pipeline_by_name
+    from wanda_pipeline.pipelines_file import pipeline_spec
 
-    # The whole file must parse; plugins are checked for this pipeline only, so one broken
-    # plugin elsewhere in the file does not stop the others.
-    doc = _load_file(args, with_plugins=False)
-    summary = run_pipeline_by_name(doc, args.name, args.set or [])
-    _print_summary(summary)
+    # The whole file must parse; plugins are checked for this pipeline only (in preflight), so one
+    # broken plugin elsewhere in the file does not stop the others.
+    spec = pipeline_spec(_load_file(args, with_plugins=False), args.name, args.set or [])
+    _checked_spec(spec)
+    from wanda_pipeline.orchestration.compress import compress
+
+    print_summary(compress(args.name, spec.model_dump(by_alias=True)))
     return 0
 
 
-def _print_summary(summary: dict) -> None:
-    rows = [{"metric": k, "value": v} for k, v in summary["metrics"].items()]
-    _print_table(rows, f"pipeline {summary['pipeline']}")
-    reg = summary.get("registration")
-    if reg:
-        state = "PROMOTED to @" + reg["alias"] if reg["promoted"] else "registered, NOT promoted"
-        print(f"model {reg['name']} version {reg['version']}: {state}")
-        for g in reg.get("gates", []):
-            print(f"  gate {g['name']}: {'pass' if g['passed'] else 'FAIL'} - {g['detail']}")
-    if summary.get("mlflow_run_id"):
-        print(f"mlflow run {summary['mlflow_run_id']} ({summary.get('tracking_uri')})")
-
-
 def cmd_sweep(args) -> int:
-    from flows.compress import run_sweep_by_name
+    from wanda_pipeline.config import PipelineSpec
+    from wanda_pipeline.pipelines_file import sweep_points
 
-    doc = _load_file(args, with_plugins=False)
-    table = run_sweep_by_name(doc, args.name)
-    _print_table(table, f"sweep {args.name}")
+    points = sweep_points(_load_file(args, with_plugins=False), args.name)
+    saves = [PipelineSpec(**p["spec"]).save for p in points]
+    paths = [s.path for s in saves if s is not None]
+    if len(paths) != len(set(paths)):
+        from wanda_pipeline.errors import ConfigError
+
+        raise ConfigError(f"sweep {args.name!r}: several points would save to the same folder {paths}; "
+                          f"remove `save` from the swept pipeline or save each point elsewhere")
+    for point in points:
+        _checked_spec(PipelineSpec(**point["spec"]))
+    from wanda_pipeline.orchestration.sweep import sweep
+
+    print_table(sweep(args.name, points), f"sweep {args.name}")
     return 0
 
 
 def cmd_serve(args) -> int:
-    from flows.serve import serve_scheduled
+    from wanda_pipeline.orchestration.serve import serve_scheduled
 
     doc = _load_file(args)
-    serve_scheduled(doc, names=args.names or None)
+    try:
+        serve_scheduled(doc, names=args.names or None)
+    except OSError as exc:  # e.g. the runner's port is held by another program
+        from wanda_pipeline.errors import OutputError
+
+        raise OutputError(f"serve could not start: {exc}. If a port is in use, stop the program holding it or "
+                          f"set PREFECT_RUNNER_SERVER_PORT to a free one") from exc
     return 0
 
 
 def cmd_promote(args) -> int:
-    from wanda_pipeline.tracking import MLflowTracker
+    from wanda_pipeline.tracking import MLflowTracker, ModelRegistry
 
-    tracker = MLflowTracker(args.tracking_uri)
-    tracker.promote(args.name, args.version, args.alias, reason=args.reason)
+    ModelRegistry(MLflowTracker(args.tracking_uri)).set_alias(args.name, args.version, args.alias,
+                                                              reason=args.reason, manual=True)
     print(f"model {args.name} version {args.version} now has alias @{args.alias} (manual override recorded)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanda-pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--debug", action="store_true", help="print tracebacks (or set WANDA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
-
-    pr = sub.add_parser("prune", help="prune one model, reference main.py style")
-    pr.add_argument("--model", default="smollm2-135m", help="demo name, hub id, folder or .gguf")
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--nsamples", type=int, default=128)
-    pr.add_argument("--sparsity_ratio", type=float, default=0.5)
-    pr.add_argument("--sparsity_type", default="unstructured", help="unstructured, 2:4, 4:8, any N:M")
-    pr.add_argument("--prune_method", default="wanda", help="any installed pruner plugin")
-    pr.add_argument("--use_variant", action="store_true", help="Wanda variant (per-row alpha search)")
-    pr.add_argument("--save", help="folder for the results log")
-    pr.add_argument("--save_model", help="folder to write the pruned model to")
-    pr.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a .txt/.jsonl file")
-    pr.add_argument("--calibration-path", dest="calibration_path", help="local file for a named source")
-    pr.add_argument("--seqlen", type=int, help="calibration window; default min(2048, model max)")
-    pr.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
-                    help="evaluate only the first K WikiText-2 windows; 0 skips perplexity")
-    pr.add_argument("--eval-seqlen", dest="eval_seqlen", type=int)
-    pr.add_argument("--eval-path", dest="eval_path", help="local WikiText-2 test file")
-    pr.add_argument("--dtype", default="float32")
-    pr.add_argument("--device", default="cpu")
-    pr.add_argument("--batch-size", dest="batch_size", type=int, default=1)
-    pr.add_argument("--include", help="regex: prune only linears whose name (inside a block) matches")
-    pr.add_argument("--exclude", help="regex: leave matching linears dense, e.g. 'mlp\\.down_proj'")
-    pr.set_defaults(func=cmd_prune)
+    add_prune_parser(sub)
 
     def with_file(sp):
         sp.add_argument("--file", "-f", default="pipelines.yaml")
@@ -246,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a pipelines file, listing every problem")
     v.add_argument("file", nargs="?", default="pipelines.yaml")
+    v.add_argument("--deep", action="store_true", help="also preflight each pipeline (model files, data, ...)")
     v.set_defaults(func=cmd_validate)
 
     with_file(sub.add_parser("list", help="pipelines and their schedules")).set_defaults(func=cmd_list)
@@ -268,15 +195,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("WANDA_DEBUG", "") not in ("", "0")
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.func(args)
     except WandaPipelineError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Interrupted is one; a bare KeyboardInterrupt is SIGINT
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+        print(f"interrupted ({signal.Signals(code - 128).name}): the MLflow run was ended as KILLED, nothing was "
+              f"registered, no partial output was left", file=sys.stderr)
+        return code
+    except Exception as exc:  # a bug: one line, the traceback only when asked
+        if debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (a bug; rerun with --debug or WANDA_DEBUG=1 for the "
+              f"traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
-"""Error types. Each carries the CLI exit code, so a script can tell a bad config
-from a broken plugin from a failed run."""
+"""Error types and the exit codes they map to (docs/failures.md has the full table).
+
+0 ok, 1 internal error (a bug: please report it), 2 config, 3 plugin, 4 data or model files,
+5 a stage failed while running, 6 tracking or registry (nothing was promoted), 7 output or
+environment (folder, disk, device), 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+"""
 
 from __future__ import annotations
 
+import signal
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+
 
 class WandaPipelineError(Exception):
-    exit_code = 1
+    exit_code = EXIT_INTERNAL
 
 
 class ConfigError(WandaPipelineError):
@@ -21,7 +30,7 @@ class PluginError(WandaPipelineError):
 
 
 class DataError(WandaPipelineError):
-    """Missing model or calibration/evaluation data."""
+    """Missing or corrupt model or calibration/evaluation data."""
 
     exit_code = 4
 
@@ -33,6 +42,34 @@ class RunError(WandaPipelineError):
 
 
 class TrackingError(WandaPipelineError):
-    """MLflow unreachable, or registration failed."""
+    """MLflow unreachable or not writable, or registration/promotion failed (fail closed)."""
 
     exit_code = 6
+
+
+class OutputError(WandaPipelineError):
+    """The output folder, disk space or device cannot be used as asked."""
+
+    exit_code = 7
+
+
+class PreflightError(WandaPipelineError):
+    """Several problems found before any heavy work. Exit code: the lowest of theirs."""
+
+    def __init__(self, problems: list[WandaPipelineError]):
+        self.problems = problems
+        self.exit_code = min(p.exit_code for p in problems)
+        lines = "\n".join(f"  - [{type(p).__name__}] {p}" for p in problems)
+        super().__init__(f"preflight found {len(problems)} problem(s); stopped before any model load:\n{lines}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; a KeyboardInterrupt so that libraries do not swallow it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)

@@ -13,10 +13,10 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wanda_pipeline.errors import ConfigError, PluginError
-from wanda_pipeline.sparsity import parse_pattern
+from wanda_pipeline.sparsity import parse_pattern, pattern_sparsity
 
 GROUPS = {
     "pruner": "wanda_pipeline.pruners",
@@ -50,6 +50,20 @@ class PrunerConfig(PluginConfig):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @model_validator(mode="after")
+    def _nm_fixes_sparsity(self):
+        # N:M prunes exactly N of every M, so a different sparsity would be ignored silently.
+        nm = parse_pattern(self.pattern)
+        if nm and "sparsity" in self.model_fields_set and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
+            raise ValueError(f"pattern {self.pattern!r} prunes exactly {nm[0]}/{nm[1]} = {nm[0] / nm[1]:g}; "
+                             f"remove `sparsity` ({self.sparsity:g}) or use pattern 'unstructured'")
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        """The sparsity this config actually asks for (N:M fixes it to N/M)."""
+        return pattern_sparsity(self.pattern, self.sparsity)
 
 
 @runtime_checkable
@@ -140,7 +154,11 @@ class Registry:
         try:
             config = cls.Config(**dict(options or {}))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in exc.errors())
+            allowed = ", ".join(cls.Config.model_fields)
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or name}: "
+                + (f"unknown option (check the spelling; {name} takes: {allowed})" if e["type"] == "extra_forbidden"
+                   else e["msg"].removeprefix("Value error, ")) for e in exc.errors())
             raise ConfigError(f"{kind} {name!r} options are invalid: {problems}") from None
         return cls(config)
 

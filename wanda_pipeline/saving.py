@@ -1,9 +1,17 @@
 """Write a pruned model as safetensors with its tokenizer and a provenance file, and
-optionally in a compact sparse form (non-zero values plus a bitmask)."""
+optionally in a compact sparse form (non-zero values plus a bitmask).
+
+Every folder is written next to its destination under a hidden ``.NAME.partial-PID`` name
+and renamed into place only when complete, so a crash or kill never leaves a folder that
+looks finished but does not load."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +22,45 @@ from torch import nn
 PROVENANCE_FILE = "wanda_provenance.json"
 SPARSE_FILE = "sparse_weights.safetensors"
 SPARSE_FORMAT = "wanda-pipeline/bitmask-v1"
+PARTIAL = ".partial-"
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any]) -> Path:
-    """``save_pretrained`` in safetensors, plus ``wanda_provenance.json``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out_dir``, on any failure
+    (signals included) it is removed. An existing non-empty ``out_dir`` needs ``overwrite``."""
+    out = Path(out_dir).expanduser()
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_pretrained(model: nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any]) -> None:
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))
-    return out
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any],
+               overwrite: bool = False) -> Path:
+    """``save_pretrained`` in safetensors, plus ``wanda_provenance.json``; atomic (see module doc)."""
+    with atomic_folder(out_dir, overwrite) as tmp:
+        _write_pretrained(model, tokenizer, tmp, provenance)
+    return Path(out_dir).expanduser()
 
 
 def read_provenance(model_dir: str | Path) -> dict[str, Any]:
@@ -58,8 +94,13 @@ def save_sparse(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenanc
     """Like :func:`save_model`, but 2-D weights that are at least ``min_sparsity`` zero are
     stored as values + bitmask in ``sparse_weights.safetensors``; the rest stay dense.
     Load it back with :func:`load_sparse`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out_dir, overwrite=True) as tmp:
+        _write_sparse(model, tokenizer, tmp, provenance, min_sparsity)
+    return Path(out_dir)
+
+
+def _write_sparse(model: nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any],
+                  min_sparsity: float) -> None:
     state = model.state_dict()
     seen: dict[int, str] = {}
     dense, sparse, shapes = {}, {}, {}
@@ -81,7 +122,6 @@ def save_sparse(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenanc
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))
-    return out
 
 
 def load_sparse(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:

@@ -1,24 +1,26 @@
-"""The pipeline stages as plain functions: load, calibrate, prune, quantize, evaluate.
+"""The pipeline stages as plain functions: load, calibrate, prune, quantize, evaluate, save.
 
-The Prefect flow wraps each in a task; the ``prune`` CLI calls them directly. None of
-them knows about Prefect or MLflow.
+Only :func:`wanda_pipeline.run.execute` knows their order. None of them knows about
+Prefect or MLflow.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from wanda_pipeline.config import CalibrationSpec, EngineSpec, ModelSpec, PipelineSpec
-from wanda_pipeline.data import Windows, calibration_windows, default_seqlen
+from wanda_pipeline.config import CalibrationSpec, EngineSpec, ModelSpec, PipelineSpec, SaveSpec
+from wanda_pipeline.data import Windows, calibration_windows, default_seqlen, local_document_file
 from wanda_pipeline.engine import LayerEngine
-from wanda_pipeline.errors import PluginError, RunError, WandaPipelineError
+from wanda_pipeline.errors import OutputError, PluginError, RunError, WandaPipelineError
 from wanda_pipeline.models import ModelInfo, find_blocks, find_linears, linear_weight_view, load_model
 from wanda_pipeline.plugins import EvalResult, Registry
 from wanda_pipeline.pruning import PruneOutcome, prune_model
@@ -50,26 +52,28 @@ class QuantizeReport:
     zeros_after: int
 
 
-@dataclass
-class StageClock:
-    seconds: dict[str, float] = field(default_factory=dict)
+def build_plugins(spec: PipelineSpec, registry: Registry,
+                  problems: list[WandaPipelineError] | None = None) -> Plugins:
+    """Create (and so validate) every plugin. With ``problems``, collect each failure there
+    and leave that plugin out instead of stopping at the first."""
 
-    def timed(self, name: str, fn, *args, **kwargs):
-        t0 = time.perf_counter()
+    def make(kind: str, name: str, options: dict) -> Any:
         try:
-            return fn(*args, **kwargs)
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            return registry.create(kind, name, options)
+        except WandaPipelineError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
+            return None
 
-
-def build_plugins(spec: PipelineSpec, registry: Registry) -> Plugins:
-    """Create every plugin up front, so a bad name or option fails before any heavy work."""
-    pruner = registry.create("pruner", spec.pruner.name, spec.pruner.options())
-    quantizer = registry.create("quantizer", spec.quantizer.name, spec.quantizer.options()) if spec.quantizer else None
+    pruner = make("pruner", spec.pruner.name, spec.pruner.options())
+    quantizer = make("quantizer", spec.quantizer.name, spec.quantizer.options()) if spec.quantizer else None
     evaluators = {}
     for e in spec.evaluators:
         key = e.name if e.name not in evaluators else f"{e.name}_{len(evaluators)}"
-        evaluators[key] = registry.create("evaluator", e.name, e.options())
+        made = make("evaluator", e.name, e.options())
+        if made is not None:
+            evaluators[key] = made
     return Plugins(pruner=pruner, quantizer=quantizer, evaluators=evaluators)
 
 
@@ -82,6 +86,31 @@ def calibrate(spec: CalibrationSpec, loaded: Loaded) -> Windows:
     seqlen = default_seqlen(loaded.info.max_positions, spec.seqlen)
     return calibration_windows(spec.source, loaded.tokenizer, spec.nsamples, seqlen, spec.seed, spec.path,
                                model=loaded.model)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def calibration_key(spec: CalibrationSpec, loaded: Loaded) -> str | None:
+    """A cache key on content: the settings, the model's weights fingerprint, the tokenizer
+    files and the data file's bytes. None (do not cache) when the data comes from the hub."""
+    local = local_document_file(spec.source, "train", spec.path) if spec.source != "self" else None
+    if spec.source != "self" and (local is None or not local.exists()):
+        return None
+    h = hashlib.sha256(json.dumps([spec.model_dump(), loaded.info.fingerprint, type(loaded.tokenizer).__name__,
+                                   len(loaded.tokenizer)], sort_keys=True).encode())
+    folder = Path(loaded.info.resolved_path)
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        if (folder / name).is_file():
+            h.update(file_digest(folder / name).encode())
+    if local is not None:
+        h.update(file_digest(local).encode())
+    return "calib-" + h.hexdigest()[:32]
 
 
 def make_engine(spec: EngineSpec, progress: bool = True) -> LayerEngine:
@@ -147,6 +176,19 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluators: dict[str, Any]) -> di
             raise PluginError(f"evaluator {key!r} returned {type(result).__name__}, expected EvalResult")
         out[key] = result
     return out
+
+
+def save(loaded: Loaded, spec: SaveSpec, provenance: dict) -> str:
+    """Write the model to ``spec.path`` atomically, in ``spec.format`` (only 'hf' today)."""
+    from wanda_pipeline.saving import save_model
+
+    try:
+        return str(save_model(loaded.model, loaded.tokenizer, spec.path, provenance, overwrite=spec.overwrite))
+    except FileExistsError:
+        raise OutputError(f"save folder {spec.path} appeared while the run was going (another run?); nothing was "
+                          f"written. Choose another folder or set save.overwrite") from None
+    except OSError as exc:
+        raise OutputError(f"could not write {spec.path}: {exc}; nothing was left half-written") from exc
 
 
 def peak_rss_bytes() -> int:

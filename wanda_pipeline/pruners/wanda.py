@@ -30,7 +30,6 @@ class WandaPruner:
 
     def __init__(self, config: WandaConfig | None = None):
         self.config = config or WandaConfig()
-        self.last_alpha: float | None = None
 
     def required_stats(self) -> set[str]:
         return {"col_sq_norm"}
@@ -41,6 +40,6 @@ class WandaPruner:
         if nm is not None:
             return nm_mask(metric, *nm)
         if self.config.use_variant:
-            mask, self.last_alpha, _ = variant_mask(metric, sparsity, self.config.variant_tol)
+            mask, _, _ = variant_mask(metric, sparsity, self.config.variant_tol)
             return mask
         return select_mask(metric, sparsity, "unstructured", self.config.group)

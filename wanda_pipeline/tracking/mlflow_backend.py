@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import csv
-import getpass
 import io
 import os
 import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wanda_pipeline.errors import TrackingError
+
+# MLflow's defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout).
+# A pipeline should fail in seconds instead; a user can still set these higher.
+for _var, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}.items():
+    os.environ.setdefault(_var, _value)
 
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
 
@@ -43,14 +46,21 @@ def metric_key(name: str) -> str:
     return _BAD_KEY.sub("_", name)
 
 
-@dataclass
-class Registration:
-    name: str
-    version: str
-    alias: str
-    promoted: bool
-    gates: list[dict] = field(default_factory=list)
-    reason: str = ""
+def _tracked(fn):
+    """MLflow errors inside a run become TrackingError (exit 6) with the server named."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as exc:
+            raise TrackingError(f"MLflow at {self.uri} failed in {fn.__name__}: {type(exc).__name__}: "
+                                f"{str(exc)[:300]}") from exc
+
+    return wrapper
 
 
 class MLflowTracker:
@@ -64,13 +74,13 @@ class MLflowTracker:
         self._experiment_id: str | None = None
 
     # ------------------------------------------------------------ setup
-    def check(self) -> None:
-        """Fail fast, before any heavy work, if the backend cannot be reached."""
+    def check(self, registry: bool = False) -> None:
+        """Fail fast, before any heavy work, if the backend cannot be reached or written."""
         if self.uri.startswith(("http://", "https://")):
             import requests
 
             try:
-                r = requests.get(self.uri.rstrip("/") + "/health", timeout=5)
+                r = requests.get(self.uri.rstrip("/") + "/health", timeout=3)
                 r.raise_for_status()
             except Exception as exc:
                 raise TrackingError(
@@ -84,7 +94,34 @@ class MLflowTracker:
                 db.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise TrackingError(f"cannot create the MLflow database folder {db.parent}: {exc}") from None
+            from wanda_pipeline.sourcecheck import can_write, can_write_file
+
+            if not can_write(db.parent) or (db.exists() and not can_write_file(db)):
+                raise TrackingError(f"the MLflow database {db} (or its folder) is read-only; make it writable, or "
+                                    f"set tracking.uri / MLFLOW_TRACKING_URI to a writable sqlite:///PATH")
         self._connect()
+        self._check_artifacts()
+        if registry:
+            try:
+                self._client.search_registered_models(max_results=1)
+            except Exception as exc:
+                raise TrackingError(f"the MLflow model registry at {self.uri} does not answer "
+                                    f"({type(exc).__name__}: {str(exc)[:200]}); fix the server, or set "
+                                    f"register.enabled: false") from None
+
+    def _check_artifacts(self) -> None:
+        location = self._client.get_experiment(self._experiment_id).artifact_location
+        if not location.startswith("file:"):
+            return  # a server or object store: its own check happened above
+        from urllib.parse import unquote, urlparse
+
+        folder = Path(unquote(urlparse(location).path))
+        from wanda_pipeline.sourcecheck import can_write
+
+        base = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if base is None or not can_write(base):
+            raise TrackingError(f"the MLflow artifact folder {folder} is not writable; fix its permissions or "
+                                f"use a new experiment name (tracking.experiment)")
 
     def _connect(self) -> None:
         if self._client is not None:
@@ -117,25 +154,47 @@ class MLflowTracker:
     # ------------------------------------------------------------ runs
     @contextmanager
     def run(self, name: str, tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[str]:
+        """An MLflow run that always ends: FINISHED, FAILED, or KILLED on a signal (never RUNNING)."""
         self._connect()
-        with self._mlflow.start_run(experiment_id=self._experiment_id, run_name=name, tags=tags or {},
-                                    nested=nested) as active:
+        try:
+            active = self._mlflow.start_run(experiment_id=self._experiment_id, run_name=name, tags=tags or {},
+                                            nested=nested)
+        except Exception as exc:
+            raise TrackingError(f"cannot start an MLflow run at {self.uri}: {type(exc).__name__}: {exc}") from None
+        status = "FAILED"
+        try:
             yield active.info.run_id
+            status = "FINISHED"
+        except Exception:
+            raise
+        except BaseException:  # our Interrupted, Prefect's TerminationSignal, SystemExit: a signal, not a bug
+            status = "KILLED"
+            raise
+        finally:
+            try:
+                self._mlflow.end_run(status)
+            except Exception:  # the server may be the thing that failed; never hide the first error
+                pass
 
+    @_tracked
     def log_params(self, params: dict[str, Any]) -> None:
         flat = {k: ("None" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
         self._mlflow.log_params(flat)
 
+    @_tracked
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {metric_key(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self._mlflow.log_metrics(clean, step=step)
 
+    @_tracked
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    @_tracked
     def log_dict(self, obj: Any, path: str) -> None:
         self._mlflow.log_dict(obj, path)
 
+    @_tracked
     def log_table(self, rows: list[dict], path: str) -> None:
         if not rows:
             return
@@ -145,10 +204,12 @@ class MLflowTracker:
         writer.writerows(rows)
         self._mlflow.log_text(buf.getvalue(), path)
 
+    @_tracked
     def log_figure(self, fig, path: str) -> None:
         self._mlflow.log_figure(fig, path)
 
     # ------------------------------------------------------------ models
+    @_tracked
     def log_model(self, folder: str | Path, metadata: dict[str, Any]) -> str:
         """Log a saved model folder as a pyfunc (loader module, safetensors, no pickle)."""
         import torch
@@ -177,69 +238,3 @@ class MLflowTracker:
         conf = yaml.safe_load((local / "MLmodel").read_text())
         data = conf["flavors"]["python_function"]["data"]
         return load_folder(local / data)
-
-    # ------------------------------------------------------------ registry
-    def champion_metrics(self, name: str, alias: str) -> dict[str, float] | None:
-        try:
-            mv = self.client.get_model_version_by_alias(name, alias)
-        except Exception:
-            return None
-        return dict(self.client.get_run(mv.run_id).data.metrics) if mv.run_id else None
-
-    def register(self, model_uri: str, name: str, tags: dict[str, Any]) -> str:
-        """Create a model version with tags. On any failure, no half-made version remains."""
-        client = self.client
-        version = None
-        created = False
-        try:
-            try:
-                client.get_registered_model(name)
-            except Exception:
-                client.create_registered_model(name, description="Sparse models from wanda-pipeline")
-                created = True
-            run_id = self._mlflow.active_run().info.run_id if self._mlflow.active_run() else None
-            # MLflow 3 logged models live at models:/m-<id>; a server insists on the id as well.
-            model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-            mv = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
-            version = mv.version
-            for _ in range(60):
-                if client.get_model_version(name, version).status == "READY":
-                    break
-                time.sleep(0.5)
-            for k, v in tags.items():
-                client.set_model_version_tag(name, version, k, str(v))
-            return str(version)
-        except Exception as exc:
-            try:
-                if version is not None:
-                    client.delete_model_version(name, version)
-                if created:
-                    client.delete_registered_model(name)
-            except Exception:
-                pass
-            raise TrackingError(f"registering {name!r} failed and was rolled back: {exc}") from exc
-
-    def promote(self, name: str, version: str, alias: str = "champion", reason: str = "manual promotion",
-                manual: bool = True) -> None:
-        client = self.client
-        try:
-            client.get_model_version(name, str(version))
-        except Exception:
-            raise TrackingError(f"model {name!r} has no version {version} in {self.uri}; "
-                                f"check `mlflow ui` or the run summary for the version number") from None
-        client.set_registered_model_alias(name, alias, str(version))
-        tags = {"promoted_to": alias, "promotion": "manual" if manual else "gates",
-                "promotion_reason": reason, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if manual:
-            tags["promoted_by"] = getpass.getuser()
-        for k, v in tags.items():
-            client.set_model_version_tag(name, str(version), k, v)
-
-    def version_tags(self, name: str, version: str) -> dict[str, str]:
-        return dict(self.client.get_model_version(name, str(version)).tags)
-
-    def alias_version(self, name: str, alias: str) -> str | None:
-        try:
-            return str(self.client.get_model_version_by_alias(name, alias).version)
-        except Exception:
-            return None

@@ -1,0 +1,110 @@
+"""``wanda-pipeline prune``: the reference repo's ``main.py`` flags, on the one run path."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wanda_pipeline.errors import ConfigError
+
+
+def add_prune_parser(sub) -> argparse.ArgumentParser:
+    pr = sub.add_parser("prune", help="prune one model, reference main.py style")
+    pr.add_argument("--model", default="smollm2-135m", help="demo name, hub id, folder or .gguf")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--nsamples", type=int, default=128)
+    pr.add_argument("--sparsity_ratio", type=float, default=None, help="default 0.5; N:M patterns fix it to N/M")
+    pr.add_argument("--sparsity_type", default="unstructured", help="unstructured, 2:4, 4:8, any N:M")
+    pr.add_argument("--prune_method", default="wanda", help="any installed pruner plugin")
+    pr.add_argument("--use_variant", action="store_true", help="Wanda variant (per-row alpha search)")
+    pr.add_argument("--save", help="folder for the results log")
+    pr.add_argument("--save_model", help="folder to write the pruned model to (must not exist or be empty)")
+    pr.add_argument("--overwrite", action="store_true", help="allow --save_model to replace a non-empty folder")
+    pr.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a .txt/.jsonl file")
+    pr.add_argument("--calibration-path", dest="calibration_path", help="local file for a named source")
+    pr.add_argument("--seqlen", type=int, help="calibration window; default min(2048, model max)")
+    pr.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
+                    help="evaluate only the first K WikiText-2 windows; 0 skips perplexity")
+    pr.add_argument("--eval-seqlen", dest="eval_seqlen", type=int)
+    pr.add_argument("--eval-path", dest="eval_path", help="local WikiText-2 test file")
+    pr.add_argument("--dtype", default="float32")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--batch-size", dest="batch_size", type=int, default=1)
+    pr.add_argument("--include", help="regex: prune only linears whose name (inside a block) matches")
+    pr.add_argument("--exclude", help="regex: leave matching linears dense, e.g. 'mlp\\.down_proj'")
+    pr.add_argument("--tracking-uri", dest="tracking_uri",
+                    help="also track the run in MLflow (params, metrics, model), exactly as `run` does")
+    pr.add_argument("--experiment", default="wanda-pipeline")
+    pr.set_defaults(func=cmd_prune)
+    return pr
+
+
+def prune_spec(args):
+    """The PipelineSpec the flags describe; EngineSpec fields come from flags of the same name."""
+    from wanda_pipeline.config import EngineSpec, PipelineSpec
+
+    evaluators = [{"name": "sparsity"}]
+    if args.eval_windows != 0:
+        ev = {"name": "perplexity", "seqlen": args.eval_seqlen or args.seqlen, "windows": args.eval_windows,
+              "path": args.eval_path}
+        evaluators.insert(0, {k: v for k, v in ev.items() if v is not None or k == "name"})
+    pruner = {"name": args.prune_method, "pattern": args.sparsity_type}
+    if args.sparsity_ratio is not None:
+        pruner["sparsity"] = args.sparsity_ratio
+    if args.use_variant:
+        pruner["use_variant"] = True
+    engine = {k: getattr(args, k) for k in EngineSpec.model_fields if getattr(args, k, None) is not None}
+    try:
+        return PipelineSpec(
+            model={"source": args.model, "dtype": args.dtype},
+            calibration={"source": args.calibration, "path": args.calibration_path, "nsamples": args.nsamples,
+                         "seqlen": args.seqlen, "seed": args.seed},
+            pruner=pruner, engine=engine, evaluators=evaluators, dense_baseline=False,
+            register={"enabled": False}, tracking={"uri": args.tracking_uri, "experiment": args.experiment},
+            save={"path": args.save_model, "overwrite": args.overwrite} if args.save_model else None,
+        )
+    except Exception as exc:
+        raise ConfigError(f"invalid flags: {exc}") from None
+
+
+def announce(name: str, fn, *a, cache_key=None):
+    """The prune CLI's stage runner: say which stage starts (the marker tests look for)."""
+    print(f"[stage] {name}", file=sys.stderr, flush=True)
+    return fn(*a)
+
+
+def cmd_prune(args) -> int:
+    from wanda_pipeline.preflight import Output, spec_outputs
+    from wanda_pipeline.run import execute
+
+    spec = prune_spec(args)
+    tracker = None
+    if args.tracking_uri:
+        from wanda_pipeline.tracking import MLflowTracker
+
+        tracker = MLflowTracker(args.tracking_uri, args.experiment)
+    outputs = spec_outputs(spec) + ([Output(args.save, "results-log folder", overwrite=True)] if args.save else [])
+    result = execute(spec, pipeline=f"prune-{args.prune_method}", tracker=tracker, run_stage=announce,
+                     outputs=outputs)
+    m = result.metrics
+    sparsity = m["sparsity_total"]
+    print("*" * 30)
+    print(f"sparsity sanity check {sparsity:.4f}")
+    ppl = next((v for k, v in m.items() if k.startswith("ppl_") and not k.endswith("_vs_dense")), None)
+    if ppl is not None:
+        p = result.protocols.get("perplexity", {})
+        print(f"wikitext perplexity {ppl:.4f}  ({p.get('windows')} windows x {p.get('seqlen')} tokens)")
+    print("*" * 30)
+    print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    if args.save:
+        out = Path(args.save)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / f"log_{args.prune_method}.txt").open("w") as f:
+            print("method\tactual_sparsity\tppl_test", file=f)
+            print(f"{args.prune_method}\t{sparsity:.4f}\t{ppl if ppl is not None else 'nan'}", file=f)
+    if result.saved:
+        print(f"saved pruned model to {result.saved}")
+    if result.mlflow_run_id:
+        print(f"mlflow run {result.mlflow_run_id} ({result.tracking_uri})")
+    return 0

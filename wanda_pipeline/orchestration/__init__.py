@@ -1,0 +1,1 @@
+"""Prefect at the edge: each stage of :func:`wanda_pipeline.run.execute` becomes a task."""

@@ -1,0 +1,63 @@
+"""The ``compress`` flow: :func:`wanda_pipeline.run.execute` with every stage run as a Prefect task.
+
+Tasks that take a model never cache (``NO_CACHE``: Prefect would pickle the model to hash it).
+Only a stage given a content ``cache_key`` (calibration: settings + weights fingerprint +
+tokenizer files + data file digest) is cached, so a changed input is never served stale.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.runtime import flow_run
+
+from wanda_pipeline.config import PipelineSpec
+from wanda_pipeline.run import execute
+
+
+def prefect_stage(name: str, fn, *args: Any, cache_key: str | None = None) -> Any:
+    """A ``run_stage`` hook for :func:`execute`: run the stage as a task named after it."""
+    if cache_key:
+        wrapped = task(fn, name=name, cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda *_: cache_key),
+                       cache_expiration=timedelta(days=30), persist_result=True)
+    else:
+        wrapped = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
+    return wrapped(*args)
+
+
+def _tracker(spec: PipelineSpec, tracking: bool):
+    if not tracking:
+        return None
+    from wanda_pipeline.tracking import MLflowTracker
+
+    return MLflowTracker(spec.tracking.uri, spec.tracking.experiment)
+
+
+@flow(name="compress", flow_run_name="{pipeline}")
+def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, parent_run_id: str | None = None,
+             tracking: bool = True) -> dict:
+    """One pipeline point; callable with a plain spec dict (deployments, sweeps, work pools)."""
+    spec_obj = PipelineSpec(**spec)
+    tags = {"prefect_flow_run_id": str(flow_run.id), "prefect_flow_run_name": flow_run.name}
+    result = execute(spec_obj, pipeline=pipeline, tracker=_tracker(spec_obj, tracking), run_stage=prefect_stage,
+                     dense_metrics=dense_metrics, parent_run_id=parent_run_id, run_tags=tags)
+    summary = result.as_dict()
+    summary["prefect_flow_run_id"] = str(flow_run.id)
+    _link_artifact(summary)
+    return summary
+
+
+def _link_artifact(summary: dict) -> None:
+    """A Prefect artifact on the flow run that points at the MLflow run (the other direction of the link)."""
+    if not summary.get("mlflow_run_id"):
+        return
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(key="mlflow-run", description="the MLflow run of this pipeline run",
+                                 markdown=f"MLflow run `{summary['mlflow_run_id']}` at `{summary['tracking_uri']}`")
+    except Exception:  # an artifact is a convenience; never fail a finished run over it
+        pass

@@ -1,0 +1,50 @@
+"""The ``sweep`` flow: several ``compress`` subflows under one parent MLflow run."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from wanda_pipeline.config import PipelineSpec
+from wanda_pipeline.orchestration.compress import _tracker, compress
+from wanda_pipeline.tracking.plots import sweep_figure
+
+
+class _no_run:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@flow(name="sweep", flow_run_name="sweep-{name}")
+def sweep(name: str, points: list[dict], tracking: bool = True) -> list[dict]:
+    """Run each point ``{"pipeline": name, "spec": {...}}`` as a compress subflow; one parent MLflow run."""
+    tracker = _tracker(PipelineSpec(**points[0]["spec"]), tracking)
+    table: list[dict] = []
+    dense_cache: dict[str, dict] = {}
+    ctx = tracker.run(f"sweep-{name}", tags={"sweep": name, "prefect_flow_run_id": str(flow_run.id)}) \
+        if tracker else _no_run()
+    with ctx as parent:
+        for point in points:
+            spec = PipelineSpec(**point["spec"])
+            dense_key = json.dumps([spec.model.model_dump(), [e.model_dump() for e in spec.evaluators]], sort_keys=True)
+            s = compress(point["pipeline"], point["spec"], dense_metrics=dense_cache.get(dense_key),
+                         parent_run_id=parent, tracking=tracking)
+            dense_cache.setdefault(dense_key, s["dense"])
+            pruner = s["params"]["pruner"]
+            row = {"pipeline": point["pipeline"], "pruner": pruner["name"], "pattern": pruner["pattern"],
+                   "target": s["params"]["target_sparsity"]}
+            row.update({k: v for k, v in s["metrics"].items() if not k.startswith(("time_", "peak_", "counter_"))})
+            if s.get("registration"):
+                row["promoted"] = s["registration"]["promoted"]
+            table.append(row)
+        if tracker:
+            tracker.log_table(table, "sweep_results.csv")
+            ppl = next((k for k in table[0] if k.startswith("ppl_") and not k.endswith("_vs_dense")), None)
+            if ppl:
+                tracker.log_figure(sweep_figure(table, ppl), "perplexity_vs_sparsity.png")
+    return table

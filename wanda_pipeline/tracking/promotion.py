@@ -1,0 +1,90 @@
+"""The promotion policy as plain code: log the model, read the champion, run the pure gates,
+register a version, and move the alias only if EVERY gate passed and the registry answered.
+
+Fail closed: if the champion cannot be read, or the alias cannot be set, no alias moves,
+the version (if one was made) is tagged with the reason, and :class:`TrackingError` (exit 6)
+tells the caller."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from wanda_pipeline.config import RegisterSpec
+from wanda_pipeline.errors import TrackingError
+from wanda_pipeline.tracking.gates import GateResult, evaluate_gates
+from wanda_pipeline.tracking.registry import ModelRegistry
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str | None
+    alias: str
+    promoted: bool
+    gates: list[dict] = field(default_factory=list)
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(gates: list[GateResult], registry_error: str | None = None) -> Decision:
+    """Pure: promote only when there is no registry error and every gate passed."""
+    if registry_error:
+        return Decision(False, f"registry error: {registry_error}")
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        return Decision(False, "; ".join(f"{g.name}: {g.detail}" for g in failed))
+    return Decision(True, "passed all gates")
+
+
+def log_model(tracker, loaded, provenance: dict, compressed: bool, pipeline: str, sparsity: float | None) -> str:
+    """Save the model to a temp folder and log it to the run; returns the model URI."""
+    from wanda_pipeline.saving import folder_bytes, save_model, save_sparse
+
+    with tempfile.TemporaryDirectory(prefix="wanda-model-") as tmp:
+        saver = save_sparse if compressed else save_model
+        saver(loaded.model, loaded.tokenizer, tmp, provenance)
+        stored = folder_bytes(tmp)
+        dense_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        tracker.log_metrics({"model_stored_bytes": stored, "model_dense_bytes": dense_bytes,
+                             "model_stored_ratio": stored / dense_bytes})
+        return tracker.log_model(tmp, metadata={"sparsity": sparsity, "pipeline": pipeline,
+                                                "format": saver.__name__})
+
+
+def register_and_promote(tracker, spec: RegisterSpec, pipeline: str, model_uri: str, metrics: dict[str, float],
+                         dense: dict[str, float], target_sparsity: float, tags: dict[str, Any]) -> Registration:
+    registry = ModelRegistry(tracker)
+    name = spec.model_name or pipeline
+    champion, registry_error = None, None
+    try:
+        champion = registry.champion_metrics(name, spec.alias)
+    except TrackingError as exc:
+        registry_error = str(exc)
+    gates = evaluate_gates(spec.gates, metrics, dense, target_sparsity, champion)
+    decision = decide(gates, registry_error)
+    version_tags = {**tags, "gates_passed": str(all(g.passed for g in gates)).lower(), "promoted": "false"}
+    if not decision.promote:
+        version_tags["promotion_blocked_reason"] = decision.reason
+    version = registry.register(model_uri, name, version_tags)
+    result = Registration(name, version, spec.alias, False, [g.as_dict() for g in gates], decision.reason)
+    if registry_error:
+        raise TrackingError(f"{name} v{version} registered but NOT promoted: {registry_error}")
+    if decision.promote:
+        try:
+            registry.set_alias(name, version, spec.alias, reason=decision.reason, manual=False)
+        except TrackingError as exc:
+            registry.tag(name, version, {"promotion_blocked_reason": f"registry error: {exc}"})
+            raise TrackingError(f"{name} v{version} passed every gate but was NOT promoted: {exc}") from exc
+        registry.tag(name, version, {"promoted": "true"})
+        result.promoted = True
+    return result
