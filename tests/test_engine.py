@@ -89,11 +89,14 @@ def test_batch_size_and_offload_do_not_change_statistics(tokens_gen):
 
 def test_capture_passes_rotary_embeddings_and_mask(tokens_gen):
     model = tiny_model("llama", seed=0, layers=2)
-    inputs, kwargs = LayerEngine(progress=False).capture(model, tokens_gen(128, 2, 8))
-    assert len(inputs) == 2 and inputs[0].shape == (1, 8, 32)
-    assert "position_embeddings" in kwargs[0]
-    cos, sin = kwargs[0]["position_embeddings"]
+    captured = LayerEngine(progress=False).capture(model, tokens_gen(128, 2, 8))
+    assert len(captured.inputs) == 2 and captured.inputs[0].shape == (1, 8, 32)
+    rest, kwargs = captured.block_calls(1)[0]
+    assert "position_embeddings" in kwargs
+    cos, sin = kwargs["position_embeddings"]
     assert cos.shape[-2] == 8
+    # one rotary table for both blocks and both batches: equal tensors are stored once
+    assert captured.block_calls(0)[1][1]["position_embeddings"][0] is cos
 
 
 def test_block_discovery_does_not_assume_model_layers():
