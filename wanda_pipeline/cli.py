@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def _prune_spec(args):
                          "seqlen": args.seqlen, "seed": args.seed},
             pruner=pruner,
             engine={"device": args.device, "batch_size": args.batch_size, "include": args.include,
-                    "exclude": args.exclude},
+                    "exclude": args.exclude, "checkpoint_dir": args.checkpoint_dir,
+                    "resume": not args.no_resume, "keep_checkpoints": args.keep_checkpoints,
+                    "stream": args.stream},
             evaluators=evaluators,
             register={"enabled": False},
         )
@@ -106,6 +109,8 @@ def cmd_prune(args) -> int:
         }
         save_model(loaded.model, loaded.tokenizer, args.save_model, provenance)
         print(f"saved pruned model to {args.save_model}")
+    if outcome.checkpoint_dir and not args.keep_checkpoints:
+        shutil.rmtree(outcome.checkpoint_dir, ignore_errors=True)
     return 0
 
 
@@ -229,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     pr.add_argument("--include", help="regex: prune only linears whose name (inside a block) matches")
     pr.add_argument("--exclude", help="regex: leave matching linears dense, e.g. 'mlp\\.down_proj'")
+    pr.add_argument("--checkpoint_dir", help="checkpoint after every block here and resume from it after a "
+                    "crash ('auto': a folder under the cache dir keyed by the run)")
+    pr.add_argument("--no_resume", action="store_true", help="ignore an existing checkpoint and start fresh")
+    pr.add_argument("--keep_checkpoints", action="store_true", help="keep the checkpoint after a successful run")
+    pr.add_argument("--stream", action="store_true", help="stream a safetensors model block by block from disk "
+                    "(host memory does not grow with depth); needs a local or cached safetensors folder")
     pr.set_defaults(func=cmd_prune)
 
     def with_file(sp):

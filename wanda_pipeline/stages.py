@@ -92,7 +92,9 @@ def make_engine(spec: EngineSpec, progress: bool = True) -> LayerEngine:
 def prune(loaded: Loaded, windows: Windows | None, pruner: Any, spec: PipelineSpec,
           progress: bool = True) -> PruneOutcome:
     tokens = windows.tokens if windows is not None else None
-    return prune_model(loaded.model, tokens, pruner, make_engine(spec.engine, progress), spec.allocation)
+    e = spec.engine
+    return prune_model(loaded.model, tokens, pruner, make_engine(e, progress), spec.allocation,
+                       checkpoint_dir=e.checkpoint_dir, resume=e.resume)
 
 
 def quantize(model: nn.Module, quantizer: Any, engine: EngineSpec) -> QuantizeReport:
