@@ -42,6 +42,8 @@ def _fmt(v) -> str:
 def _prune_spec(args):
     from wanda_pipeline.config import PipelineSpec
 
+    if args.stream and args.calibration == "self":
+        raise ConfigError("--calibration self needs the whole model in memory; it cannot be combined with --stream")
     evaluators = [{"name": "sparsity"}]
     if args.eval_windows != 0:
         evaluators.insert(0, {"name": "perplexity", "seqlen": args.eval_seqlen or args.seqlen,
@@ -61,6 +63,7 @@ def _prune_spec(args):
                     "stream": args.stream},
             evaluators=evaluators,
             register={"enabled": False},
+            save=args.save_model,
         )
     except Exception as exc:
         raise ConfigError(f"invalid flags: {exc}") from None
@@ -74,7 +77,7 @@ def cmd_prune(args) -> int:
     spec = _prune_spec(args)
     plugins = stages.build_plugins(spec, discover())
     clock = stages.StageClock()
-    loaded = clock.timed("load", stages.load, spec.model)
+    loaded = clock.timed("load", stages.load, spec.model, stream=spec.engine.stream)
     print(f"loaded {args.model}: {loaded.info.family}, {loaded.info.n_blocks} blocks at {loaded.info.blocks_path}")
     windows = None
     if plugins.pruner.required_stats():
@@ -111,6 +114,8 @@ def cmd_prune(args) -> int:
         print(f"saved pruned model to {args.save_model}")
     if outcome.checkpoint_dir and not args.keep_checkpoints:
         shutil.rmtree(outcome.checkpoint_dir, ignore_errors=True)
+    if outcome.streamed_to and not args.save_model:
+        shutil.rmtree(outcome.streamed_to, ignore_errors=True)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,17 @@ from torch import nn
 
 from wanda_pipeline.allocation import AllocationConfig, OutlierScan, block_ratios
 from wanda_pipeline.data import tokens_digest
-from wanda_pipeline.engine import BlockSink, BlockSource, Checkpoint, EngineReport, LayerEngine, ModelSource
+from wanda_pipeline.engine import (
+    BlockSink,
+    BlockSource,
+    Checkpoint,
+    EngineReport,
+    LayerEngine,
+    ModelSource,
+    ShardSink,
+    ShardSource,
+)
+from wanda_pipeline.engine.source import STREAM_ATTR
 from wanda_pipeline.errors import PluginError
 from wanda_pipeline.models import linear_weight_view
 from wanda_pipeline.plugins import Pruner
@@ -26,6 +37,7 @@ class PruneOutcome:
     engine: EngineReport
     counters: dict[str, float] = field(default_factory=dict)
     checkpoint_dir: str | None = None
+    streamed_to: str | None = None  # streaming: the folder the pruned shards were written to
 
 
 class PruneVisitor:
@@ -149,3 +161,25 @@ class _Release:
             release(index)
         else:
             block.to("cpu")
+
+
+def streaming_io(model: nn.Module, save: str | None) -> tuple[ShardSource, ShardSink] | None:
+    """For a streamed model: read blocks from its shards and write the pruned ones to
+    ``<save>.partial`` (or a cache folder), renamed into place when the model is saved."""
+    folder = getattr(model, STREAM_ATTR, None)
+    if folder is None:
+        return None
+    source = ShardSource(model, folder)
+    key = hashlib.sha256(f"{folder}|{save}".encode()).hexdigest()[:16]
+    staging = Path(f"{save}.partial") if save else cache_dir() / "streamed" / key
+    if staging.exists():
+        shutil.rmtree(staging)
+    return source, ShardSink(staging, source.blocks_path, release=source.release)
+
+
+def finish_streaming(model: nn.Module, io: tuple[ShardSource, ShardSink], outcome: PruneOutcome) -> None:
+    """Write what lies outside the blocks and the index; from now on the model streams from there."""
+    source, sink = io
+    sink.finish(model, source.weight_map)
+    setattr(model, STREAM_ATTR, str(sink.folder))
+    outcome.streamed_to = str(sink.folder)

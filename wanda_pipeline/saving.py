@@ -4,6 +4,7 @@ optionally in a compact sparse form (non-zero values plus a bitmask)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,18 @@ SPARSE_FORMAT = "wanda-pipeline/bitmask-v1"
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any]) -> Path:
-    """``save_pretrained`` in safetensors, plus ``wanda_provenance.json``."""
+    """``save_pretrained`` in safetensors, plus ``wanda_provenance.json``. A streamed model's
+    shards are already written: they are moved into place."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    streamed = getattr(model, "wanda_stream_folder", None)
+    if streamed and Path(streamed).resolve() != out.resolve():
+        for f in Path(streamed).iterdir():
+            shutil.move(str(f), str(out / f.name))
+        Path(streamed).rmdir()
+        model.wanda_stream_folder = str(out)
+    elif not streamed:
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))

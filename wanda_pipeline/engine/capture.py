@@ -77,9 +77,11 @@ def _freeze(obj: Any, store: TensorStore, arch: str, where: str) -> Any:
 
 
 class _Recorder(nn.Module):
-    def __init__(self, index: int, inner: nn.Module, log: list, last: bool, mode: str):
+    def __init__(self, index: int, inner: nn.Module, log: list, last: bool, mode: str,
+                 final: torch.Tensor | None = None):
         super().__init__()
         self.index, self.inner, self.log, self.last, self.mode = index, inner, log, last, mode
+        self.final = final
 
     def __getattr__(self, name: str):
         # Models may read attributes of their layers in the loop (e.g. an attention type).
@@ -94,7 +96,9 @@ class _Recorder(nn.Module):
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
         self.log.append((self.index, hidden, rest, kwargs))
-        if self.last:
+        if self.last and self.final is not None:
+            hidden = self.final.to(hidden.device)
+        elif self.last:
             raise _Stop
         return (hidden,) if self.mode == "tuple" else hidden
 
@@ -104,20 +108,28 @@ def _arch(model: nn.Module) -> str:
     return f"{type(model).__name__} ({getattr(cfg, 'model_type', '?')})"
 
 
-def _record_batch(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, mode: str) -> list:
+def _record_batch(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, mode: str,
+                  final: torch.Tensor | None = None) -> tuple[list, Any]:
     log: list = []
+    out = None
     originals = list(blocks)
     for i, block in enumerate(originals):
-        blocks[i] = _Recorder(i, block, log, last=i == len(originals) - 1, mode=mode)
+        blocks[i] = _Recorder(i, block, log, last=i == len(originals) - 1, mode=mode, final=final)
     try:
         with torch.no_grad():
-            model(input_ids=batch, use_cache=False)
+            out = model(input_ids=batch, use_cache=False)
     except _Stop:
         pass
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    return log
+    return log, out
+
+
+def run_tail(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, final: torch.Tensor, mode: str) -> Any:
+    """The model's output when its last block returns ``final``: whatever follows the blocks
+    (final norm, head) applied to hidden states computed elsewhere, block by block."""
+    return _record_batch(model, blocks, batch, mode, final)[1]
 
 
 def _consistent(log: list, n_blocks: int) -> bool:
@@ -137,10 +149,10 @@ def capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch
     mode = "tensor"
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start : start + batch_size].to(input_device)
-        log = _record_batch(model, blocks, batch, mode)
+        log, _ = _record_batch(model, blocks, batch, mode)
         if not _consistent(log, len(blocks)) and start == 0:
             mode = "tuple"  # older blocks return (hidden, ...) and the model takes [0]
-            log = _record_batch(model, blocks, batch, mode)
+            log, _ = _record_batch(model, blocks, batch, mode)
         if not _consistent(log, len(blocks)):
             raise ConfigError(
                 f"{arch}: its forward does not pass each decoder block the previous block's output unchanged "
