@@ -57,21 +57,11 @@ class ShardSink:
         else:
             block.to("meta")
 
-    def finish(self, model: nn.Module, source_weight_map: dict[str, str]) -> None:
-        """Write everything outside the blocks (stored once when tied) and the shard index."""
-        seen: set[int] = set()
-        outer = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if name.startswith(self.blocks_path + ".") or id(p) in seen:
-                continue
-            if name not in source_weight_map:  # a tied alias the source did not store either
-                continue
-            seen.add(id(p))
-            outer[name] = p
-        for name, b in model.named_buffers():
-            if name in source_weight_map and not name.startswith(self.blocks_path + "."):
-                outer[name] = b
-        atomic_save(outer, self.folder / OUTER_FILE, {"format": "pt"})
+    def finish(self, model: nn.Module, source_folder: Path, source_weight_map: dict[str, str]) -> None:
+        """Copy everything outside the blocks byte for byte from the source shards (in chunks,
+        so embeddings and head never need a second copy in memory), then write the index."""
+        outer = [n for n in source_weight_map if not n.startswith(self.blocks_path + ".")]
+        copy_raw(source_folder, source_weight_map, outer, self.folder / OUTER_FILE)
         self.weight_map.update(dict.fromkeys(outer, OUTER_FILE))
         size = sum(os.path.getsize(self.folder / f) for f in set(self.weight_map.values()))
         index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(self.weight_map.items()))}
@@ -79,3 +69,39 @@ class ShardSink:
         tmp.write_text(json.dumps(index, indent=2))
         os.replace(tmp, self.folder / INDEX_FILE)
         model.config.save_pretrained(self.folder)
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return n, json.loads(f.read(n))
+
+
+def copy_raw(folder: Path, weight_map: dict[str, str], names: list[str], dest: Path, chunk: int = 64 << 20) -> None:
+    """Write the named tensors of safetensors shards into one new file without deserialising them."""
+    entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    plan, offset, headers = [], 0, {}
+    for name in names:
+        src = folder / weight_map[name]
+        if src not in headers:
+            headers[src] = _header(src)
+        n, hdr = headers[src]
+        begin, end = hdr[name]["data_offsets"]
+        entries[name] = {"dtype": hdr[name]["dtype"], "shape": hdr[name]["shape"],
+                         "data_offsets": [offset, offset + end - begin]}
+        plan.append((src, 8 + n + begin, end - begin))
+        offset += end - begin
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tmp.open("wb") as out:
+        out.write(len(header).to_bytes(8, "little"))
+        out.write(header)
+        for src, start, length in plan:
+            with src.open("rb") as f:
+                f.seek(start)
+                while length:
+                    data = f.read(min(chunk, length))
+                    out.write(data)
+                    length -= len(data)
+    os.replace(tmp, dest)
