@@ -146,6 +146,7 @@ def test_crash_mid_run_resumes_in_process(tokens_gen, tmp_path):
     resumed.prune = lambda w, s, r: counted.append(1) or inner(w, s, r)
     outcome = _run(model, tokens, resumed, tmp_path / "ck")
     assert outcome.engine.resumed_at == 2 and len(counted) == 2 * 7
+    assert [r["step"] for r in outcome.engine.block_metrics()] == [2, 3]
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     assert manifest["finished"] == BLOCKS
     assert {"model", "calibration", "pruner", "allocation"} <= manifest["fingerprint"].keys()

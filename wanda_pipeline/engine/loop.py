@@ -62,13 +62,16 @@ class EngineReport:
         return rows
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def _to(obj: Any, device: torch.device, memo: dict[int, torch.Tensor]) -> Any:
+    """Move arguments to the device; ``memo`` moves each distinct (interned) tensor once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -168,10 +171,12 @@ class LayerEngine:
 
     def forward(self, block: nn.Module, inputs: list[torch.Tensor],
                 calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
-        outs = []
+        outs: list[torch.Tensor] = []
+        memo: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             for hidden, (rest, kwargs) in zip(inputs, calls, strict=True):
-                out = _hidden(block(hidden.to(self.device), *_to(rest, self.device), **_to(kwargs, self.device)))
+                args, kw = _to(rest, self.device, memo), _to(kwargs, self.device, memo)
+                out = _hidden(block(hidden.to(self.device), *args, **kw))
                 outs.append(out.detach().to(self.store_device))
         return outs
 
