@@ -180,6 +180,6 @@ def streaming_io(model: nn.Module, save: str | None) -> tuple[ShardSource, Shard
 def finish_streaming(model: nn.Module, io: tuple[ShardSource, ShardSink], outcome: PruneOutcome) -> None:
     """Write what lies outside the blocks and the index; from now on the model streams from there."""
     source, sink = io
-    sink.finish(model, source.folder, source.weight_map)
+    sink.finish(model, source.folder, source.weight_map, source.keys)
     setattr(model, STREAM_ATTR, str(sink.folder))
     outcome.streamed_to = str(sink.folder)

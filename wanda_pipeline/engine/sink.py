@@ -57,11 +57,13 @@ class ShardSink:
         else:
             block.to("meta")
 
-    def finish(self, model: nn.Module, source_folder: Path, source_weight_map: dict[str, str]) -> None:
+    def finish(self, model: nn.Module, source_folder: Path, source_weight_map: dict[str, str],
+               keys: dict[str, str] | None = None) -> None:
         """Copy everything outside the blocks byte for byte from the source shards (in chunks,
-        so embeddings and head never need a second copy in memory), then write the index."""
+        so embeddings and head never need a second copy in memory), then write the index.
+        ``keys`` maps model names to the source's checkpoint keys where they differ."""
         outer = [n for n in source_weight_map if not n.startswith(self.blocks_path + ".")]
-        copy_raw(source_folder, source_weight_map, outer, self.folder / OUTER_FILE)
+        copy_raw(source_folder, source_weight_map, outer, self.folder / OUTER_FILE, keys)
         self.weight_map.update(dict.fromkeys(outer, OUTER_FILE))
         size = sum(os.path.getsize(self.folder / f) for f in set(self.weight_map.values()))
         index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(self.weight_map.items()))}
@@ -77,8 +79,10 @@ def _header(path: Path) -> tuple[int, dict]:
         return n, json.loads(f.read(n))
 
 
-def copy_raw(folder: Path, weight_map: dict[str, str], names: list[str], dest: Path, chunk: int = 64 << 20) -> None:
+def copy_raw(folder: Path, weight_map: dict[str, str], names: list[str], dest: Path,
+             keys: dict[str, str] | None = None, chunk: int = 64 << 20) -> None:
     """Write the named tensors of safetensors shards into one new file without deserialising them."""
+    keys = keys or {}
     entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     plan, offset, headers = [], 0, {}
     for name in names:
@@ -86,8 +90,9 @@ def copy_raw(folder: Path, weight_map: dict[str, str], names: list[str], dest: P
         if src not in headers:
             headers[src] = _header(src)
         n, hdr = headers[src]
-        begin, end = hdr[name]["data_offsets"]
-        entries[name] = {"dtype": hdr[name]["dtype"], "shape": hdr[name]["shape"],
+        info = hdr[keys.get(name, name)]
+        begin, end = info["data_offsets"]
+        entries[name] = {"dtype": info["dtype"], "shape": info["shape"],
                          "data_offsets": [offset, offset + end - begin]}
         plan.append((src, 8 + n + begin, end - begin))
         offset += end - begin

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from wanda_pipeline.errors import DataError
+from wanda_pipeline.errors import ConfigError, DataError
 from wanda_pipeline.models import find_blocks, weights_fingerprint
 
 STREAM_ATTR = "wanda_stream_folder"
@@ -49,6 +49,29 @@ class ModelSource:
         return weights_fingerprint(self.model)
 
 
+def _model_names(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, str]:
+    """Model parameter name -> checkpoint key, through the renamings transformers applies on
+    load (e.g. GPT-NeoX ``embed_out`` -> ``lm_head``). Merges and splits cannot be streamed."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {k: k for k in checkpoint_keys}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = dict(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+    names = {}
+    for key in checkpoint_keys:
+        name, converted = rename_source_key(key, renamings, converters, prefix, meta)
+        if converted is not None:
+            raise ConfigError(f"{type(model).__name__}: checkpoint tensor {key!r} is merged or split on load "
+                              f"({converted}); streaming cannot read it tensor by tensor: drop --stream")
+        names[name] = key
+    return names
+
+
 def _weight_map(folder: Path) -> dict[str, str]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -69,7 +92,9 @@ class ShardSource:
     def __init__(self, model: nn.Module, folder: str | Path):
         self.model = model
         self.folder = Path(folder)
-        self.weight_map = _weight_map(self.folder)
+        files = _weight_map(self.folder)
+        self.keys = _model_names(model, list(files))  # model name -> checkpoint key
+        self.weight_map = {name: files[key] for name, key in self.keys.items()}
         self.blocks_path, self.blocks = find_blocks(model)
         setattr(model, STREAM_ATTR, str(self.folder))
 
@@ -85,7 +110,7 @@ class ShardSource:
         for name in names:
             if name in self.weight_map:
                 with safe_open(str(self.folder / self.weight_map[name]), framework="pt", device=str(device)) as f:
-                    return f.get_tensor(name)
+                    return f.get_tensor(self.keys[name])
         raise DataError(f"{self.folder}: no tensor for {names[0]!r} in the safetensors shards")
 
     def materialise(self, prefix: str, module: nn.Module, device: torch.device) -> None:
