@@ -103,16 +103,21 @@ def main() -> None:
     base = [exe, "prune", "--model", str(model_dir), "--calibration", "c4", "--nsamples", str(args.nsamples),
             "--seqlen", str(args.seqlen), "--eval-windows", str(args.eval_windows), "--eval-seqlen",
             str(args.seqlen)]
-    runs = {}
+    runs: dict[str, dict] = {}
     try:
         cmd = [*base, "--stream", "--save_model", str(work / "out-stream")]
         runs["stream"] = {"command": " ".join(cmd), **run_child(cmd)}
+        write(args, size, build_s, runs)  # a result even if the baseline is stopped
         if args.baseline:
             cmd = [*base, "--save_model", str(work / "out-memory")]
             runs["in_memory"] = {"command": " ".join(cmd), **run_child(cmd)}
+            write(args, size, build_s, runs)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def write(args, size: int, build_s: float, runs: dict) -> None:
     for r in runs.values():
         r["peak_rss_over_model"] = round(r["peak_rss_bytes"] / size, 3)
     result = {"machine": machine(), "model": {"layers": LAYERS, "hidden": HIDDEN, "intermediate": INTER,

@@ -26,16 +26,15 @@ BLOCKS = 4
 # committed ("after"), or halfway through writing one of block K's files ("mid-write").
 KILLER = """
 import os, signal, sys
-import safetensors.torch as st
 from wanda_pipeline.engine import checkpoint, sink
 where, block = sys.argv[1], int(sys.argv[2])
-save, real_save_file = checkpoint.Checkpoint.save, st.save_file
+save, real_write = checkpoint.Checkpoint.save, sink.write_tensors
 def save_then_die(self, index, *a):
     if where == "mid-write" and index == block:
         def half(tensors, path, metadata=None):
-            real_save_file(tensors, path, metadata=metadata)
+            real_write(tensors, path, metadata)
             os.kill(os.getpid(), signal.SIGKILL)  # the temp file is written, not yet renamed
-        sink.save_file = half
+        sink.write_tensors = half
     save(self, index, *a)
     if where == "after" and index == block:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -131,3 +131,34 @@ def test_streaming_across_architectures(arch, tokens_gen, tmp_path):
     ppl_tokens = tokens_gen(128, 1, 96, seed=2)
     assert streamed_perplexity(skeleton, ppl_tokens, 32, progress=False)[0] == pytest.approx(
         perplexity(dense, ppl_tokens, 32, progress=False)[0], rel=1e-5)
+
+
+def test_streamed_run_resumes_after_a_crash(sharded, tokens_gen, tmp_path):
+    """Streaming and checkpoints together: the rerun rewrites the finished blocks' shards from
+    the checkpoint and continues; the saved shards equal an uninterrupted streamed run's."""
+    tokens = tokens_gen(1000, 3, 16)
+
+    def streamed(out, pruner, ckpt=None):
+        skeleton, _, _ = load_model(str(sharded), stream=True)
+        io = streaming_io(skeleton, str(out))
+        outcome = prune_model(skeleton, tokens, pruner, LayerEngine(progress=False), source=io[0], sink=io[1],
+                              checkpoint_dir=ckpt)
+        finish_streaming(skeleton, io, outcome)
+        return AutoModelForCausalLM.from_pretrained(outcome.streamed_to).state_dict(), outcome
+
+    expected, _ = streamed(tmp_path / "ref", WandaPruner(WandaConfig(sparsity=0.5)))
+    crashing = WandaPruner(WandaConfig(sparsity=0.5))
+    calls, real = [], crashing.prune
+
+    def prune(weight, stats, sparsity):
+        calls.append(1)
+        if len(calls) > 7:  # die inside block 1
+            raise RuntimeError("out of memory")
+        return real(weight, stats, sparsity)
+
+    crashing.prune = prune
+    with pytest.raises(Exception, match="out of memory"):
+        streamed(tmp_path / "out", crashing, tmp_path / "ck")
+    got, outcome = streamed(tmp_path / "out", WandaPruner(WandaConfig(sparsity=0.5)), tmp_path / "ck")
+    assert outcome.engine.resumed_at == 1
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)

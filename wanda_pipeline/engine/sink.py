@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 OUTER_FILE = "model-outer.safetensors"
@@ -27,10 +26,37 @@ class ModelSink:
         block.to("cpu")
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written straight from the tensors' memory (no serialised copy)."""
+    entries: dict[str, dict] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as out:
+        out.write(len(header).to_bytes(8, "little"))
+        out.write(header)
+        for t in tensors.values():
+            out.write(_raw(t).numpy().data)
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file so that a kill mid-write leaves no partial file under ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    write_tensors(tensors, tmp, metadata)
     os.replace(tmp, path)
 
 

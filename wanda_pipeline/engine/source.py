@@ -49,6 +49,26 @@ class ModelSource:
         return weights_fingerprint(self.model)
 
 
+def read_tensor(path: Path, key: str, headers: dict) -> torch.Tensor:
+    """One tensor of a safetensors file by plain reads: no memory map, whose pages would count
+    as resident memory of this process, and no second copy."""
+    from wanda_pipeline.engine.sink import DTYPES
+
+    if path not in headers:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            headers[path] = (n, json.loads(f.read(n)))
+    n, header = headers[path]
+    info = header[key]
+    begin, end = info["data_offsets"]
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    with path.open("rb") as f:
+        f.seek(8 + n + begin)
+        if f.readinto(out.numpy().data) != end - begin:
+            raise DataError(f"{path} is truncated at tensor {key!r}")
+    return out.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def _model_names(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, str]:
     """Model parameter name -> checkpoint key, through the renamings transformers applies on
     load (e.g. GPT-NeoX ``embed_out`` -> ``lm_head``). Merges and splits cannot be streamed."""
@@ -96,6 +116,7 @@ class ShardSource:
         self.keys = _model_names(model, list(files))  # model name -> checkpoint key
         self.weight_map = {name: files[key] for name, key in self.keys.items()}
         self.blocks_path, self.blocks = find_blocks(model)
+        self._headers: dict[Path, tuple[int, dict]] = {}
         setattr(model, STREAM_ATTR, str(self.folder))
 
     def _aliases(self) -> dict[int, list[str]]:
@@ -105,12 +126,9 @@ class ShardSource:
         return groups
 
     def _read(self, names: list[str], device: torch.device) -> torch.Tensor:
-        from safetensors import safe_open
-
         for name in names:
             if name in self.weight_map:
-                with safe_open(str(self.folder / self.weight_map[name]), framework="pt", device=str(device)) as f:
-                    return f.get_tensor(self.keys[name])
+                return read_tensor(self.folder / self.weight_map[name], self.keys[name], self._headers).to(device)
         raise DataError(f"{self.folder}: no tensor for {names[0]!r} in the safetensors shards")
 
     def materialise(self, prefix: str, module: nn.Module, device: torch.device) -> None:
