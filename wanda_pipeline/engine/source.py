@@ -3,6 +3,7 @@ materialised one block at a time onto a meta-device skeleton."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from collections.abc import Iterator
@@ -172,6 +173,7 @@ class ShardSource:
 
     def release(self, index: int) -> None:
         self.blocks[index].to("meta")
+        _return_freed_memory()
 
     def fingerprint(self) -> str:
         """Digest of the config and every shard's header and size (no weight bytes read)."""
@@ -184,6 +186,16 @@ class ShardSource:
                 h.update(f.read(n))
             h.update(str(path.stat().st_size).encode())
         return h.hexdigest()[:16]
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed block-sized chunks in its heap, so without a trim resident memory
+    creeps up by about a block's worth of small tensors per block (measured: +64 MB per
+    block of a hidden-2048 LLaMA)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Own(nn.Module):
