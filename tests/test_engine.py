@@ -89,11 +89,14 @@ def test_batch_size_and_offload_do_not_change_statistics(tokens_gen):
 
 def test_capture_passes_rotary_embeddings_and_mask(tokens_gen):
     model = tiny_model("llama", seed=0, layers=2)
-    inputs, kwargs = LayerEngine(progress=False).capture(model, tokens_gen(128, 2, 8))
-    assert len(inputs) == 2 and inputs[0].shape == (1, 8, 32)
-    assert "position_embeddings" in kwargs[0]
-    cos, sin = kwargs[0]["position_embeddings"]
+    captured = LayerEngine(progress=False).capture(model, tokens_gen(128, 2, 8))
+    assert len(captured.inputs) == 2 and captured.inputs[0].shape == (1, 8, 32)
+    rest, kwargs = captured.block_calls(1)[0]
+    assert "position_embeddings" in kwargs
+    cos, sin = kwargs["position_embeddings"]
     assert cos.shape[-2] == 8
+    # one rotary table for both blocks and both batches: equal tensors are stored once
+    assert captured.block_calls(0)[1][1]["position_embeddings"][0] is cos
 
 
 def test_block_discovery_does_not_assume_model_layers():
@@ -112,3 +115,29 @@ def test_filter_leaves_lm_head_and_embeddings_alone(tokens_gen):
     _, blocks = find_blocks(model)
     assert float((blocks[0].mlp.up_proj.weight == 0).float().mean()) == 0.0
     assert float((blocks[0].self_attn.q_proj.weight == 0).float().mean()) == 0.5
+
+
+def test_report_has_one_row_per_block_and_no_device_peak_off_cuda(tokens_gen):
+    model = tiny_model("llama", seed=5, layers=3)
+    outcome = prune_model(model, tokens_gen(128, 2, 8), WandaPruner(WandaConfig(sparsity=0.5)),
+                          LayerEngine(progress=False))
+    rows = outcome.engine.block_metrics()
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["block_seconds"] > 0 for r in rows)
+    assert outcome.engine.peak_device_bytes == [] and all("peak_device_bytes" not in r for r in rows)
+
+
+def test_only_the_current_block_leaves_the_model_device(tokens_gen):
+    """Blocks go back to the CPU after their turn; activations are kept on the store device."""
+    seen = []
+
+    class Where(Recorder):
+        def visit(self, index, block, linears, stats):
+            seen.append((index, {p.device.type for p in block.parameters()}))
+            return False
+
+    model = tiny_model("llama", seed=6, layers=2)
+    engine = LayerEngine(progress=False, offload_activations=True)
+    assert engine.store_device.type == "cpu" and LayerEngine(device="meta").store_device.type == "cpu"
+    assert LayerEngine(device="meta", offload_activations=False).store_device.type == "meta"
+    engine.run(model, tokens_gen(128, 2, 8), Where())
+    assert seen == [(0, {"cpu"}), (1, {"cpu"})]

@@ -33,6 +33,13 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     pr.add_argument("--include", help="regex: prune only linears whose name (inside a block) matches")
     pr.add_argument("--exclude", help="regex: leave matching linears dense, e.g. 'mlp\\.down_proj'")
+    pr.add_argument("--checkpoint_dir", help="checkpoint after every block here and resume from it after a "
+                    "crash ('auto': a folder under the cache dir keyed by the run)")
+    pr.add_argument("--no_resume", dest="resume", action="store_false",
+                    help="ignore an existing checkpoint and start fresh")
+    pr.add_argument("--keep_checkpoints", action="store_true", help="keep the checkpoint after a successful run")
+    pr.add_argument("--stream", action="store_true", help="stream a safetensors model block by block from disk "
+                    "(host memory does not grow with depth); needs a local or cached safetensors folder")
     pr.add_argument("--tracking-uri", dest="tracking_uri",
                     help="also track the run in MLflow (params, metrics, model), exactly as `run` does")
     pr.add_argument("--experiment", default="wanda-pipeline")
@@ -44,6 +51,8 @@ def prune_spec(args):
     """The PipelineSpec the flags describe; EngineSpec fields come from flags of the same name."""
     from wanda_pipeline.config import EngineSpec, PipelineSpec
 
+    if args.stream and args.calibration == "self":
+        raise ConfigError("--calibration self needs the whole model in memory; it cannot be combined with --stream")
     evaluators = [{"name": "sparsity"}]
     if args.eval_windows != 0:
         ev = {"name": "perplexity", "seqlen": args.eval_seqlen or args.seqlen, "windows": args.eval_windows,

@@ -61,6 +61,13 @@ class EngineSpec(_Strict):
     offload_activations: bool = True
     include: str | None = Field(None, description="regex on linear names inside a block")
     exclude: str | None = None
+    checkpoint_dir: str | None = Field(
+        None, description="write a resumable checkpoint after every block here; 'auto': a cache folder keyed by "
+                          "the run fingerprint; None: no checkpoints")
+    resume: bool = Field(True, description="continue from a matching checkpoint in checkpoint_dir")
+    keep_checkpoints: bool = Field(False, description="keep the checkpoint folder after a successful run")
+    stream: bool = Field(False, description="stream weights block by block from safetensors shards (models "
+                                            "bigger than host RAM); the pruned model is written as it goes")
 
 
 class GateSpec(_Strict):

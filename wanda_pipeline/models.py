@@ -106,12 +106,16 @@ def load_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    stream: bool = False,
 ) -> tuple[nn.Module, object, ModelInfo]:
-    """Load (model, tokenizer, info) onto the CPU in eval mode."""
+    """Load (model, tokenizer, info) onto the CPU in eval mode. With ``stream``, the model is a
+    meta-device skeleton whose blocks the engine reads one at a time from safetensors shards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
     path, extra = resolve_source(source)
+    if stream:
+        return _load_streamed(source, path, extra, torch_dtype, dtype, trust_remote_code, revision)
     kwargs = dict(extra, trust_remote_code=trust_remote_code)
     if revision:
         kwargs["revision"] = revision
@@ -138,6 +142,25 @@ def load_model(
         fingerprint=weights_fingerprint(model),
         max_positions=max_positions(model),
     )
+    return model, tokenizer, info
+
+
+def _load_streamed(source: str, path: str, extra: dict, torch_dtype: torch.dtype, dtype: str,
+                   trust_remote_code: bool, revision: str | None) -> tuple[nn.Module, object, ModelInfo]:
+    from transformers import AutoTokenizer
+
+    from wanda_pipeline.engine.skeleton import build_skeleton, safetensors_folder
+    from wanda_pipeline.engine.source import ShardSource
+
+    if extra.get("gguf_file"):
+        raise ConfigError("streaming needs a safetensors model; a .gguf file cannot be streamed (drop --stream)")
+    folder = safetensors_folder(path, revision)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = build_skeleton(folder, torch_dtype, trust_remote_code)
+    src = ShardSource(model, folder)
+    info = ModelInfo(source=source, resolved_path=str(folder), family=getattr(model.config, "model_type", "?"),
+                     n_blocks=len(src.blocks), blocks_path=src.blocks_path, dtype=dtype,
+                     fingerprint=src.fingerprint(), max_positions=max_positions(model))
     return model, tokenizer, info
 
 

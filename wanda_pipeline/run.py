@@ -91,7 +91,7 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
     run_ctx = tracker.run(pipeline, tags=tags, nested=bool(parent_run_id)) if tracker else _no_run()
     with run_ctx as run_id:
         result.mlflow_run_id = run_id
-        loaded = timed("load", stages.load, spec.model)
+        loaded = timed("load", stages.load, spec.model, spec.engine.stream)
         windows = None
         if plugins.pruner.required_stats():
             key = stages.calibration_key(spec.calibration, loaded)
@@ -129,7 +129,8 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         results = timed("evaluate", stages.evaluate, loaded.model, loaded.tokenizer, plugins.evaluators)
         from wanda_pipeline.models import state_digest
 
-        result.weights_digest = state_digest(loaded.model)  # what a reload must reproduce
+        # What a reload must reproduce; a streamed model is never whole in memory.
+        result.weights_digest = None if outcome.streamed_to else state_digest(loaded.model)
         metrics.update(_metrics_of(results))
         for k, v in dense.items():
             if k in metrics and v:
@@ -146,12 +147,23 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
 
             log_results(tracker, metrics, dense, outcome.block_ratios, results, result.weights_digest)
             timed("register", _register, tracker, spec, pipeline, loaded, result, provenance, target)
+        _cleanup(outcome, spec)
         clock = {f"time_{k.replace('-', '_')}_s": v for k, v in result.seconds.items()}
         clock["peak_rss_bytes"] = stages.peak_rss_bytes()
         result.metrics.update(clock)
         if tracker:
             tracker.log_metrics(clock)
     return result
+
+
+def _cleanup(outcome, spec: PipelineSpec) -> None:
+    """After success: drop the checkpoint (unless kept) and a streamed model's staging shards."""
+    import shutil
+
+    if outcome.checkpoint_dir and not spec.engine.keep_checkpoints:
+        shutil.rmtree(outcome.checkpoint_dir, ignore_errors=True)
+    if outcome.streamed_to:
+        shutil.rmtree(outcome.streamed_to, ignore_errors=True)
 
 
 def _register(tracker, spec: PipelineSpec, pipeline: str, loaded, result: RunResult, provenance: dict,

@@ -49,7 +49,16 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
 
 
 def _write_pretrained(model: nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any]) -> None:
-    model.save_pretrained(out, safe_serialization=True)
+    # A streamed model's shards are already on disk: move them in instead of materialising it.
+    streamed = getattr(model, "wanda_stream_folder", None)
+    if streamed:  # hard links where possible: the staging folder may be saved again (registry)
+        for f in Path(streamed).iterdir():
+            try:
+                os.link(f, out / f.name)
+            except OSError:
+                shutil.copy2(f, out / f.name)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))

@@ -23,7 +23,7 @@ from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.errors import OutputError, PluginError, RunError, WandaPipelineError
 from wanda_pipeline.models import ModelInfo, find_blocks, find_linears, linear_weight_view, load_model
 from wanda_pipeline.plugins import EvalResult, Registry
-from wanda_pipeline.pruning import PruneOutcome, prune_model
+from wanda_pipeline.pruning import PruneOutcome, finish_streaming, prune_model, streaming_io
 
 
 @dataclass
@@ -77,8 +77,8 @@ def build_plugins(spec: PipelineSpec, registry: Registry,
     return Plugins(pruner=pruner, quantizer=quantizer, evaluators=evaluators)
 
 
-def load(spec: ModelSpec) -> Loaded:
-    model, tokenizer, info = load_model(spec.source, spec.dtype, spec.trust_remote_code, spec.revision)
+def load(spec: ModelSpec, stream: bool = False) -> Loaded:
+    model, tokenizer, info = load_model(spec.source, spec.dtype, spec.trust_remote_code, spec.revision, stream=stream)
     return Loaded(model, tokenizer, info)
 
 
@@ -121,7 +121,14 @@ def make_engine(spec: EngineSpec, progress: bool = True) -> LayerEngine:
 def prune(loaded: Loaded, windows: Windows | None, pruner: Any, spec: PipelineSpec,
           progress: bool = True) -> PruneOutcome:
     tokens = windows.tokens if windows is not None else None
-    return prune_model(loaded.model, tokens, pruner, make_engine(spec.engine, progress), spec.allocation)
+    e = spec.engine
+    io = streaming_io(loaded.model, spec.save.path if spec.save else None)
+    outcome = prune_model(loaded.model, tokens, pruner, make_engine(e, progress), spec.allocation,
+                          checkpoint_dir=e.checkpoint_dir, resume=e.resume,
+                          source=io[0] if io else None, sink=io[1] if io else None)
+    if io:
+        finish_streaming(loaded.model, io, outcome)
+    return outcome
 
 
 def quantize(model: nn.Module, quantizer: Any, engine: EngineSpec) -> QuantizeReport:

@@ -24,6 +24,8 @@ class PerplexityConfig(PluginConfig):
     windows: int | None = Field(None, gt=0, description="evaluate only the first K windows")
     batch_size: int = Field(1, gt=0)
     device: str = "cpu"
+    stream_activation_bytes: int = Field(1 << 30, gt=0, description="streamed models: activations held per pass "
+                                         "over the blocks (more windows per pass = fewer reads of the weights)")
 
 
 def eval_tokens(dataset: str, tokenizer: Any, seqlen: int, path: str | None = None) -> torch.Tensor:
@@ -39,11 +41,8 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, windows: int
     """Non-overlapping ``seqlen`` windows; the mean of each window's mean NLL; exp.
 
     Returns (perplexity, windows used)."""
-    total = tokens.numel() // seqlen
-    n = min(total, windows) if windows else total
-    if n == 0:
-        raise DataError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-    tokens = tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen)
+    tokens = _windows(tokens, seqlen, windows)
+    n = tokens.shape[0]
     loss_fct = nn.CrossEntropyLoss()
     nll = torch.zeros((), dtype=torch.float64)
     model_device = next(model.parameters()).device
@@ -60,6 +59,48 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, windows: int
     return math.exp(float(nll / (n * seqlen))), n
 
 
+def _windows(tokens: torch.Tensor, seqlen: int, windows: int | None) -> torch.Tensor:
+    total = tokens.numel() // seqlen
+    n = min(total, windows) if windows else total
+    if n == 0:
+        raise DataError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    return tokens.reshape(-1)[: n * seqlen].reshape(n, seqlen)
+
+
+def streamed_perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, windows: int | None = None,
+                        batch_size: int = 1, device: str = "cpu", activation_bytes: int = 1 << 30,
+                        progress: bool = True) -> tuple[float, int]:
+    """The same protocol for a streamed model: windows go through the blocks one block at a
+    time (each block read from its shard once per pass), then through the model's tail."""
+    from wanda_pipeline.engine import LayerEngine, ShardSource
+    from wanda_pipeline.engine.capture import run_tail
+    from wanda_pipeline.engine.source import STREAM_ATTR
+
+    tokens = _windows(tokens, seqlen, windows)
+    n = tokens.shape[0]
+    source = ShardSource(model, getattr(model, STREAM_ATTR))
+    engine = LayerEngine(device=device, batch_size=batch_size, progress=False)
+    hidden_size = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    per_window = 2 * seqlen * hidden_size * 4  # inputs and outputs of a block, float32
+    per_pass = max(batch_size, (activation_bytes // per_window) // batch_size * batch_size)
+    loss_fct = nn.CrossEntropyLoss()
+    nll = torch.zeros((), dtype=torch.float64)
+    for start in tqdm(range(0, n, per_pass), desc="perplexity passes", disable=not progress, leave=False):
+        chunk = tokens[start : start + per_pass]
+        captured = engine.capture(model, chunk, source)
+        hidden = captured.inputs
+        for index in range(len(source.blocks)):
+            hidden = engine.forward(source.load(index, engine.device), hidden, captured.block_calls(index))
+            source.release(index)
+        with torch.no_grad():
+            for b, final in enumerate(hidden):
+                batch = chunk[b * batch_size : (b + 1) * batch_size]
+                logits = run_tail(model, source.blocks, batch, final, captured.output_mode).logits
+                loss = loss_fct(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+                nll += loss.double().cpu() * seqlen * batch.shape[0]
+    return math.exp(float(nll / (n * seqlen))), n
+
+
 class PerplexityEvaluator:
     Config: ClassVar[type[PerplexityConfig]] = PerplexityConfig
 
@@ -70,7 +111,11 @@ class PerplexityEvaluator:
         c = self.config
         seqlen = default_seqlen(max_positions(model), c.seqlen)
         tokens = eval_tokens(c.dataset, tokenizer, seqlen, c.path)
-        ppl, used = perplexity(model, tokens, seqlen, c.windows, c.batch_size, c.device)
+        if getattr(model, "wanda_stream_folder", None):
+            ppl, used = streamed_perplexity(model, tokens, seqlen, c.windows, c.batch_size, c.device,
+                                            c.stream_activation_bytes)
+        else:
+            ppl, used = perplexity(model, tokens, seqlen, c.windows, c.batch_size, c.device)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         protocol = {
             "dataset": c.path or c.dataset,

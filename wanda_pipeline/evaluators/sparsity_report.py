@@ -6,7 +6,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
+from wanda_pipeline.engine.source import iter_blocks
+from wanda_pipeline.models import find_linears, linear_weight_view
 from wanda_pipeline.plugins import EvalResult, PluginConfig
 
 
@@ -16,9 +17,8 @@ class SparsityConfig(PluginConfig):
 
 
 def sparsity_table(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[dict]:
-    _, blocks = find_blocks(model)
     rows = []
-    for i, block in enumerate(blocks):
+    for i, block in iter_blocks(model):  # a streamed model's blocks are read one at a time
         for name, lin in find_linears(block, include, exclude).items():
             w = linear_weight_view(lin)
             zeros = int((w == 0).sum())

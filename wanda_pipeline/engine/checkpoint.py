@@ -1,0 +1,125 @@
+"""Resume a layer-by-layer run: after each finished block, its state (masks, or weights for
+pruners that update them) and the activations at the block boundary go to safetensors, and
+a JSON manifest with the run's fingerprint records how far the run got.
+
+Layout of a checkpoint folder::
+
+    manifest.json                 {"version", "fingerprint", "n_blocks", "finished": K}
+    block-00000.safetensors       block 0's state (bool masks bit-packed)
+    ...
+    inputs-0000K.safetensors      the inputs of block K, one tensor per calibration batch
+
+Every file is written to a temporary name and renamed; the manifest is written last, so it
+is the commit point: a kill at any moment leaves the previous consistent state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from wanda_pipeline.engine.sink import atomic_save
+from wanda_pipeline.errors import ConfigError
+
+MANIFEST = "manifest.json"
+VERSION = 1
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 8)
+    return (flat << torch.arange(8, dtype=torch.uint8, device=flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = 1
+    for s in shape:
+        numel *= s
+    out = (bits.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return out.reshape(-1)[:numel].bool().reshape(shape)
+
+
+class Checkpoint:
+    def __init__(self, folder: str | Path, fingerprint: dict, resume: bool = True):
+        self.folder = Path(folder)
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        self.resume = resume
+        self.n_blocks = 0
+
+    def start(self, n_blocks: int) -> int:
+        """The first unfinished block (0 for a fresh run); refuses another run's checkpoint."""
+        self.n_blocks = n_blocks
+        manifest = self.folder / MANIFEST
+        if manifest.exists() and self.resume:
+            found = json.loads(manifest.read_text())
+            if found.get("fingerprint") != self.fingerprint or found.get("n_blocks") != n_blocks:
+                diff = sorted(k for k in set(self.fingerprint) | set(found.get("fingerprint", {}))
+                              if self.fingerprint.get(k) != found.get("fingerprint", {}).get(k))
+                raise ConfigError(
+                    f"checkpoint {self.folder} belongs to another run (differs in: {', '.join(diff) or 'n_blocks'}); "
+                    "pass --no_resume to start fresh there, or choose another --checkpoint_dir"
+                )
+            finished = int(found["finished"])
+            if finished and not (self.folder / self._inputs_name(finished)).exists() and finished < n_blocks:
+                raise ConfigError(f"checkpoint {self.folder} is incomplete (no inputs of block {finished}); "
+                                  "pass --no_resume to start fresh")
+            return finished
+        if self.folder.exists() and any(self.folder.iterdir()):
+            if not manifest.exists():
+                raise ConfigError(f"--checkpoint_dir {self.folder} is not empty and holds no checkpoint; "
+                                  "choose an empty or new folder")
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write_manifest(0)
+        return 0
+
+    @staticmethod
+    def _inputs_name(index: int) -> str:
+        return f"inputs-{index:05d}.safetensors"
+
+    @staticmethod
+    def _block_name(index: int) -> str:
+        return f"block-{index:05d}.safetensors"
+
+    def _write_manifest(self, finished: int) -> None:
+        body = {"version": VERSION, "fingerprint": self.fingerprint, "n_blocks": self.n_blocks, "finished": finished}
+        tmp = self.folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+        os.replace(tmp, self.folder / MANIFEST)
+
+    def save(self, index: int, state: dict[str, torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Block ``index`` is finished; ``outputs`` are the inputs of block ``index + 1``."""
+        tensors, shapes = {}, {}
+        for key, t in state.items():
+            if t.dtype == torch.bool:
+                tensors[key] = pack_bits(t)
+                shapes[key] = list(t.shape)
+            else:
+                tensors[key] = t
+        atomic_save(tensors, self.folder / self._block_name(index), {"bool_shapes": json.dumps(shapes)})
+        if index + 1 < self.n_blocks:
+            atomic_save({f"batch.{j}": o for j, o in enumerate(outputs)}, self.folder / self._inputs_name(index + 1))
+        self._write_manifest(index + 1)
+        (self.folder / self._inputs_name(index)).unlink(missing_ok=True)
+
+    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        path = self.folder / self._block_name(index)
+        with safe_open(str(path), framework="pt") as f:
+            shapes = json.loads((f.metadata() or {}).get("bool_shapes", "{}"))
+        tensors = load_file(str(path))
+        return {k: unpack_bits(v, tuple(shapes[k])) if k in shapes else v for k, v in tensors.items()}
+
+    def inputs(self, index: int) -> list[torch.Tensor]:
+        tensors = load_file(str(self.folder / self._inputs_name(index)))
+        return [tensors[f"batch.{j}"] for j in range(len(tensors))]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,228 @@
+"""The layer engine: run calibration activations through one decoder block at a time,
+collect the statistics a visitor declares, and hand them over.
+
+It knows nothing of particular pruners, Prefect or MLflow. Where weights come from
+(:mod:`.source`), where finished blocks go (:mod:`.sink`) and resuming (:mod:`.checkpoint`)
+are pluggable; the loop is the same for all of them. Only the current block and its
+activations are on the execution device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wanda_pipeline.engine.capture import Captured, capture
+from wanda_pipeline.engine.checkpoint import Checkpoint
+from wanda_pipeline.engine.sink import BlockSink, ModelSink
+from wanda_pipeline.engine.source import BlockSource, ModelSource
+from wanda_pipeline.models import find_linears, linear_weight_view
+from wanda_pipeline.stats import make_accumulators
+
+log = logging.getLogger(__name__)
+
+
+class BlockVisitor(Protocol):
+    """What the engine calls for each block. ``visit`` may change the block's weights.
+
+    A visitor that supports resuming also has ``block_state(index, linears) -> dict`` and
+    ``restore_state(index, linears, state)``."""
+
+    def required_stats(self) -> set[str]: ...
+
+    def visit(
+        self, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: dict[str, dict[str, torch.Tensor]]
+    ) -> bool:
+        """Return True if the weights changed, so the engine recomputes the block outputs."""
+        ...
+
+
+@dataclass
+class EngineReport:
+    blocks: int = 0
+    seconds_per_block: list[float] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    peak_device_bytes: list[int] = field(default_factory=list)  # per block; empty off CUDA
+    resumed_at: int = 0
+
+    def block_metrics(self) -> list[dict[str, float]]:
+        """One row per block (``step`` = block index), for a tracker's per-step metrics."""
+        rows = []
+        for i, seconds in enumerate(self.seconds_per_block):
+            row = {"step": self.resumed_at + i, "block_seconds": seconds}
+            if i < len(self.peak_device_bytes):
+                row["peak_device_bytes"] = float(self.peak_device_bytes[i])
+            rows.append(row)
+        return rows
+
+
+def _to(obj: Any, device: torch.device, memo: dict[int, torch.Tensor]) -> Any:
+    """Move arguments to the device; ``memo`` moves each distinct (interned) tensor once."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, memo) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class LayerEngine:
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        batch_size: int = 1,
+        offload_activations: bool = True,
+        include: str | None = None,
+        exclude: str | None = None,
+        progress: bool = True,
+    ):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.offload_activations = offload_activations
+        self.include = include
+        self.exclude = exclude
+        self.progress = progress
+
+    @property
+    def store_device(self) -> torch.device:
+        """Where activations between blocks live: the CPU when offloading, else the device."""
+        return torch.device("cpu") if self.offload_activations else self.device
+
+    def capture(self, model: nn.Module, tokens: torch.Tensor, source: BlockSource | None = None) -> Captured:
+        """Every block's own inputs (see :mod:`.capture`), at the cost of the embeddings."""
+        source = source or ModelSource(model)
+        input_device = source.prepare_outer()
+        return capture(model, source.blocks, tokens, self.batch_size, self.store_device, input_device)
+
+    def run(self, model: nn.Module, tokens: torch.Tensor | None, visitor: BlockVisitor,
+            source: BlockSource | None = None, sink: BlockSink | None = None,
+            checkpoint: Checkpoint | None = None) -> EngineReport:
+        source = source or ModelSource(model)
+        sink = sink or ModelSink()
+        report = EngineReport(blocks=len(source.blocks))
+        needed = set(visitor.required_stats())
+        start = checkpoint.start(len(source.blocks)) if checkpoint else 0
+        report.resumed_at = start
+        if start:
+            print(f"resuming at block {start} of {len(source.blocks)}", flush=True)
+            self._restore(source, sink, visitor, checkpoint, start)
+        if start >= len(source.blocks):
+            return report
+
+        inputs: list[torch.Tensor] = []
+        captured = None
+        if needed:
+            t0 = time.perf_counter()
+            captured = self.capture(model, tokens, source)
+            report.capture_seconds = time.perf_counter() - t0
+            inputs = checkpoint.inputs(start) if start else captured.inputs
+
+        for index in self._iter(range(start, len(source.blocks))):
+            t0 = time.perf_counter()
+            self._reset_peak()
+            block = source.load(index, self.device)
+            linears = find_linears(block, self.include, self.exclude)
+            if captured is None:
+                visitor.visit(index, block, linears, {})
+                outputs: list[torch.Tensor] = []
+            else:
+                calls = captured.block_calls(index)
+                stats, outputs = self.observe(block, linears, inputs, calls, needed)
+                if visitor.visit(index, block, linears, stats):
+                    outputs = self.forward(block, inputs, calls)
+                del stats
+            if checkpoint is not None:
+                checkpoint.save(index, self._state(visitor, index, linears), outputs)
+            sink.put(index, block)
+            inputs = outputs
+            report.seconds_per_block.append(time.perf_counter() - t0)
+            peak = self._peak()
+            if peak is not None:
+                report.peak_device_bytes.append(peak)
+        return report
+
+    def observe(self, block: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
+                calls: list[tuple[tuple, dict]], needed: set[str]) -> tuple[dict, list[torch.Tensor]]:
+        """Statistics of every linear's inputs over one forward of the dense block, and the
+        block outputs. (A one-pass mode that prunes each linear in a forward-pre-hook before
+        it runs would replace only this step.)"""
+        accs = {name: make_accumulators(needed, linear_weight_view(lin).shape[1], self.device)
+                for name, lin in linears.items()}
+        handles = [lin.register_forward_hook(self._observer(accs[name])) for name, lin in linears.items()]
+        try:
+            outputs = self.forward(block, inputs, calls)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: {k: a.value for k, a in acc.items()} for name, acc in accs.items()}, outputs
+
+    def forward(self, block: nn.Module, inputs: list[torch.Tensor],
+                calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+        outs: list[torch.Tensor] = []
+        memo: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for hidden, (rest, kwargs) in zip(inputs, calls, strict=True):
+                args, kw = _to(rest, self.device, memo), _to(kwargs, self.device, memo)
+                out = _hidden(block(hidden.to(self.device), *args, **kw))
+                outs.append(out.detach().to(self.store_device))
+        return outs
+
+    def _restore(self, source: BlockSource, sink: BlockSink, visitor: BlockVisitor, checkpoint: Checkpoint,
+                 start: int) -> None:
+        """Put the finished blocks' saved state back (into the model, or out to the sink)."""
+        for index in range(start):
+            block = source.load(index, self.device)
+            linears = find_linears(block, self.include, self.exclude)
+            restore = getattr(visitor, "restore_state", None)
+            state = checkpoint.block_state(index)
+            if restore is not None:
+                restore(index, linears, state)
+            else:
+                _restore_weights(linears, state)
+            sink.put(index, block)
+
+    @staticmethod
+    def _state(visitor: BlockVisitor, index: int, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        getter = getattr(visitor, "block_state", None)
+        if getter is not None:
+            return getter(index, linears)
+        return {f"{name}.weight": linear_weight_view(lin) for name, lin in linears.items()}
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+    @staticmethod
+    def _observer(accs: dict):
+        def hook(_module, args, _out):
+            x = args[0].detach()
+            for acc in accs.values():
+                acc.update(x)
+
+        return hook
+
+    def _iter(self, indices):
+        return tqdm(indices, desc="blocks", unit="block", disable=not self.progress, leave=False)
+
+
+def _restore_weights(linears: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, lin in linears.items():
+            weight = linear_weight_view(lin)
+            weight.copy_(state[f"{name}.weight"].to(weight.device, weight.dtype))
