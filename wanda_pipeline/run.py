@@ -130,7 +130,7 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         from wanda_pipeline.models import state_digest
 
         # What a reload must reproduce; a streamed model is never whole in memory.
-        result.weights_digest = None if outcome.streamed_to else state_digest(loaded.model)
+        result.weights_digest = "" if outcome.streamed_to else state_digest(loaded.model)
         metrics.update(_metrics_of(results))
         for k, v in dense.items():
             if k in metrics and v:
