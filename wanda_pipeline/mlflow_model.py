@@ -1,24 +1,41 @@
 """MLflow pyfunc loader module for pruned models (``loader_module`` flavour: no pickle).
 
-The model's data folder is either a ``save_pretrained`` folder or a bitmask-compressed
-folder from :func:`wanda_pipeline.saving.save_sparse`.
+The model's data folder is a ``save_pretrained`` folder, a compressed-tensors export
+(:mod:`wanda_pipeline.export.compressed_tensors`) or a bitmask-compressed folder from
+:func:`wanda_pipeline.saving.save_sparse`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from wanda_pipeline.saving import SPARSE_FILE, load_sparse
 
 
+def is_compressed_tensors(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    quant = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "compressed-tensors"
+
+
 def load_folder(path: str | Path):
-    """(model, tokenizer) from a saved folder, either format."""
+    """(model, tokenizer) from a saved folder, any format."""
     path = Path(path)
     if (path / SPARSE_FILE).exists():
         return load_sparse(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path)
+    kwargs = {}
+    if is_compressed_tensors(path):
+        from transformers import CompressedTensorsConfig
+
+        # Decompress while loading: with compressed-tensors 0.20 and transformers 5.23 the
+        # default (decompress on first forward) cannot load asymmetric zero points.
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 
