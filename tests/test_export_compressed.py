@@ -13,6 +13,7 @@ from wanda_pipeline.config import EngineSpec
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.errors import ConfigError, RunError
 from wanda_pipeline.export import save
+from wanda_pipeline.export.compressed_tensors import preflight
 from wanda_pipeline.models import find_blocks, find_linears
 from wanda_pipeline.pruners.magnitude import MagnitudeConfig, MagnitudePruner
 from wanda_pipeline.pruning import prune_model
@@ -169,6 +170,10 @@ def test_requested_pattern_not_followed_is_recorded_as_unstructured(tmp_path):
 def test_bad_exports_fail_before_writing_anything(tmp_path):
     model = pruned_llama("unstructured")
     q = RTNQuantizer(RTNConfig(bits=4, group_size=48))  # divides neither 64 nor 128
+    with pytest.raises(ConfigError, match="group_size 48 does not divide"):
+        preflight(model, q)  # what the run path calls right after loading
+    preflight(model, RTNQuantizer(RTNConfig(bits=4, group_size=64)), exclude="down_proj")
+    preflight(model, RTNQuantizer(RTNConfig(bits=4, group_size=4096)))  # per row
     stages.quantize(model, q, EngineSpec())
     with pytest.raises(ConfigError, match="group_size 48 does not divide"):
         save(model, None, tmp_path / "a", "compressed-tensors", {}, quantizer=q)

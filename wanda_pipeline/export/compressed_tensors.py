@@ -53,6 +53,28 @@ def check_group_size(in_features: dict[str, int], group_size: int) -> int | None
     return group_size
 
 
+def _check_quantizer(model: nn.Module, quantizer: Any) -> None:
+    _require_library()
+    if not hasattr(quantizer, "codes_for"):
+        raise ConfigError(f"quantizer {type(quantizer).__name__} does not expose its integer codes (`codes_for`); "
+                          f"the compressed-tensors format needs them. Use the rtn quantizer or format 'hf'")
+    if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+        raise ConfigError(f"{type(model).__name__} uses Conv1D linears, which compressed-tensors does not pack; "
+                          f"export it unquantised or as format 'hf'")
+
+
+def preflight(model: nn.Module, quantizer: Any, include: str | None = None, exclude: str | None = None) -> None:
+    """Fail before any heavy work if ``quantizer``'s output on the block linears of ``model``
+    (filtered as the quantize stage filters them) could not be exported."""
+    from wanda_pipeline.models import find_blocks, find_linears
+
+    _check_quantizer(model, quantizer)
+    path, blocks = find_blocks(model)
+    in_features = {f"{path}.{i}.{n}": lin.in_features for i, b in enumerate(blocks)
+                   for n, lin in find_linears(b, include, exclude).items()}
+    check_group_size(in_features, quantizer.config.group_size)
+
+
 def quantization_config(bits: int, symmetric: bool, group_size: int | None, ignore: list[str]):
     """compressed-tensors' ``QuantizationConfig`` for weight-only int ``bits`` on every ``Linear``."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -88,9 +110,7 @@ def pack_linear(weight: torch.Tensor, codes: RTNCodes, scheme) -> dict[str, torc
 def compressed_state_dict(model: nn.Module, quantizer) -> tuple[dict[str, torch.Tensor], Any]:
     """The model's state dict with every linear the quantizer produced replaced by its packed
     form, and the ``QuantizationConfig`` describing it."""
-    if any(type(m).__name__ == "Conv1D" for m in model.modules()):
-        raise ConfigError(f"{type(model).__name__} uses Conv1D linears, which compressed-tensors does not pack; "
-                          f"export it unquantised or as format 'hf'")
+    _check_quantizer(model, quantizer)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     found: dict[str, RTNCodes] = {}
     for name, lin in linears.items():
@@ -125,9 +145,6 @@ def export_compressed(model: nn.Module, tokenizer: Any, out_dir: str | Path, qua
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new folder or remove it")
-    if quantizer is not None and not hasattr(quantizer, "codes_for"):
-        raise ConfigError(f"quantizer {type(quantizer).__name__} does not expose its integer codes (`codes_for`); "
-                          f"the compressed-tensors format needs them. Use the rtn quantizer or format 'hf'")
     meta = validated(sparsity_meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
