@@ -1,16 +1,34 @@
-"""MLflow pyfunc loader module for pruned models (``loader_module`` flavour: no pickle).
+"""MLflow pyfunc loader module for pruned models (``loader_module`` flavour: no pickle),
+and the flavour that logs them (:func:`save_model`, for ``mlflow.models.Model.log``).
 
-The model's data folder is a ``save_pretrained`` folder, a compressed-tensors export
-(:mod:`wanda_pipeline.export.compressed_tensors`) or a bitmask-compressed folder from
-:func:`wanda_pipeline.saving.save_sparse`.
+The model folder (a ``save_pretrained`` folder, a compressed-tensors export from
+:mod:`wanda_pipeline.export.compressed_tensors`, or a bitmask folder from
+:func:`wanda_pipeline.saving.save_sparse`) *is* the MLflow model's root, next to ``MLmodel``:
+a download of ``models:/NAME@champion`` is a folder ``vllm serve`` or ``from_pretrained`` take.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from wanda_pipeline.saving import SPARSE_FILE, load_sparse
+
+
+def save_model(path: str, mlflow_model=None, folder: str | Path | None = None,
+               pip_requirements: list[str] | None = None, **_kwargs) -> None:
+    """Flavour hook for ``Model.log(flavor=this module, folder=...)``: copy ``folder`` to the
+    model root and describe it as a pyfunc whose data is the root itself."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    root = Path(path)
+    shutil.copytree(folder, root, dirs_exist_ok=True)
+    (root / "requirements.txt").write_text("\n".join(pip_requirements or []) + "\n")
+    mlflow_model = mlflow_model or Model()
+    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=__name__, data=".")
+    mlflow_model.save(str(root / "MLmodel"))
 
 
 def is_compressed_tensors(path: str | Path) -> bool:
