@@ -106,21 +106,21 @@ def evaluate_task(loaded: stages.Loaded, evaluators: dict) -> dict:
 
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(loaded: stages.Loaded, spec: PipelineSpec, pipeline: str, tracker: MLflowTracker,
-                  metrics: dict, dense: dict, provenance: dict) -> dict:
+                  metrics: dict, dense: dict, provenance: dict, quantizer=None) -> dict:
     """Log the model; register a version; promote it only if every gate passes."""
-    from wanda_pipeline.saving import folder_bytes, save_model, save_sparse
+    from wanda_pipeline.saving import folder_bytes
 
     log = get_run_logger()
     reg = spec.registration
+    fmt = reg.format or ("bitmask-v1" if reg.compressed else "hf")
     with tempfile.TemporaryDirectory(prefix="wanda-model-") as tmp:
-        saver = save_sparse if reg.compressed else save_model
-        saver(loaded.model, loaded.tokenizer, tmp, provenance)
-        stored = folder_bytes(tmp)
+        folder = _export(loaded, spec, Path(tmp) / "model", fmt, provenance, quantizer)
+        stored = folder_bytes(folder)
         dense_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         tracker.log_metrics({"model_stored_bytes": stored, "model_dense_bytes": dense_bytes,
                              "model_stored_ratio": stored / dense_bytes})
-        model_uri = tracker.log_model(tmp, metadata={"sparsity": metrics.get("sparsity_total"),
-                                                     "pipeline": pipeline, "format": saver.__name__})
+        model_uri = tracker.log_model(folder, metadata={"sparsity": metrics.get("sparsity_total"),
+                                                        "pipeline": pipeline, "format": fmt})
     out: dict[str, Any] = {"model_uri": model_uri, "stored_bytes": stored}
     if not reg.enabled:
         return out
@@ -145,6 +145,14 @@ def register_task(loaded: stages.Loaded, spec: PipelineSpec, pipeline: str, trac
                                        gates=[g.as_dict() for g in gates],
                                        reason=tags.get("promotion_blocked_reason", "")).__dict__
     return out
+
+
+def _export(loaded: stages.Loaded, spec: PipelineSpec, out: Path, fmt: str, provenance: dict, quantizer) -> Path:
+    from wanda_pipeline.export import save
+
+    return save(loaded.model, loaded.tokenizer, out, fmt, provenance, quantizer=quantizer,
+                pattern=spec.pruner.options().get("pattern", "unstructured"),
+                include=spec.engine.include, exclude=spec.engine.exclude)
 
 
 def _metrics_of(results: dict) -> dict[str, float]:
@@ -183,6 +191,10 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
         from_hub = not Path(resolve_source(spec_obj.model.source)[0]).exists()
         loader = load_task.with_options(retries=2, retry_delay_seconds=15) if from_hub else load_task
         loaded = clock.timed("load", loader, spec_obj)
+        if plugins.quantizer is not None and "compressed-tensors" in _formats(spec_obj):
+            from wanda_pipeline.export.compressed_tensors import preflight
+
+            preflight(loaded.model, plugins.quantizer, spec_obj.engine.include, spec_obj.engine.exclude)
         windows = None
         if plugins.pruner.required_stats():
             windows = clock.timed("calibrate", calibrate_task, spec_obj.calibration, loaded)
@@ -246,13 +258,12 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
                                                    outcome.block_ratios), "sparsity_per_layer.png")
             provenance = {**params, "metrics": summary["metrics"], "dense": dense}
             reg = clock.timed("register", register_task, loaded, spec_obj, pipeline, tracker, metrics, dense,
-                              provenance)
+                              provenance, plugins.quantizer)
             summary["model_uri"] = reg["model_uri"]
             summary["registration"] = reg.get("registration")
         if spec_obj.save:
-            from wanda_pipeline.saving import save_model
-
-            save_model(loaded.model, loaded.tokenizer, spec_obj.save, {**params, "metrics": summary["metrics"]})
+            _export(loaded, spec_obj, Path(spec_obj.save.path), spec_obj.save.format,
+                    {**params, "metrics": summary["metrics"]}, plugins.quantizer)
         summary["stages"] = list(clock.seconds)  # in the order they ran
         clock_metrics = {f"time_{k.replace('-', '_')}_s": v for k, v in clock.seconds.items()}
         clock_metrics["peak_rss_bytes"] = stages.peak_rss_bytes()
@@ -261,6 +272,11 @@ def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, paren
             tracker.log_metrics(clock_metrics)
     _link_artifact(summary)
     return summary
+
+
+def _formats(spec: PipelineSpec) -> set[str]:
+    reg = spec.registration
+    return {reg.format or ("bitmask-v1" if reg.compressed else "hf")} | ({spec.save.format} if spec.save else set())
 
 
 class _null_run:

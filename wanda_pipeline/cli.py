@@ -65,9 +65,10 @@ def _prune_spec(args):
 
 def cmd_prune(args) -> int:
     from wanda_pipeline import stages
+    from wanda_pipeline.export import check_format, save
     from wanda_pipeline.plugins import discover
-    from wanda_pipeline.saving import save_model
 
+    check_format(args.save_format)
     spec = _prune_spec(args)
     plugins = stages.build_plugins(spec, discover())
     clock = stages.StageClock()
@@ -104,8 +105,9 @@ def cmd_prune(args) -> int:
             "block_sparsity_targets": outcome.block_ratios, "sparsity_total": sparsity,
             "metrics": {k: v.metrics for k, v in results.items()},
         }
-        save_model(loaded.model, loaded.tokenizer, args.save_model, provenance)
-        print(f"saved pruned model to {args.save_model}")
+        save(loaded.model, loaded.tokenizer, args.save_model, args.save_format, provenance,
+             pattern=args.sparsity_type, include=args.include, exclude=args.exclude)
+        print(f"saved pruned model to {args.save_model} ({args.save_format})")
     return 0
 
 
@@ -217,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--use_variant", action="store_true", help="Wanda variant (per-row alpha search)")
     pr.add_argument("--save", help="folder for the results log")
     pr.add_argument("--save_model", help="folder to write the pruned model to")
+    pr.add_argument("--save_format", default="hf", help="hf, compressed-tensors (vLLM / transformers) or bitmask-v1")
     pr.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a .txt/.jsonl file")
     pr.add_argument("--calibration-path", dest="calibration_path", help="local file for a named source")
     pr.add_argument("--seqlen", type=int, help="calibration window; default min(2048, model max)")

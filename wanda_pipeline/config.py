@@ -73,12 +73,22 @@ class GateSpec(_Strict):
     lower_is_better: bool = True
 
 
+SaveFormat = Literal["hf", "bitmask-v1", "compressed-tensors"]
+
+
 class RegisterSpec(_Strict):
     enabled: bool = True
     model_name: str | None = Field(None, description="registered model name; default: the pipeline name")
     alias: str = "champion"
     gates: GateSpec = Field(default_factory=GateSpec)
     compressed: bool = Field(True, description="store pruned weights as values + bitmask")
+    format: SaveFormat | None = Field(None, description="format of the registered folder; default: "
+                                      "bitmask-v1 if compressed else hf; compressed-tensors is what vLLM serves")
+
+
+class SaveSpec(_Strict):
+    path: str
+    format: SaveFormat = "hf"
 
 
 class TrackingSpec(_Strict):
@@ -120,7 +130,12 @@ class PipelineSpec(_Strict):
     registration: RegisterSpec = Field(default_factory=RegisterSpec, alias="register")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     schedule: ScheduleSpec | None = None
-    save: str | None = Field(None, description="also write the pruned model to this folder")
+    save: SaveSpec | None = Field(None, description="also write the pruned model: a folder, or {path, format}")
+
+    @field_validator("save", mode="before")
+    @classmethod
+    def _save_path(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _gates_need_evaluators(self):
