@@ -20,6 +20,8 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--use_variant", action="store_true", help="Wanda variant (per-row alpha search)")
     pr.add_argument("--save", help="folder for the results log")
     pr.add_argument("--save_model", help="folder to write the pruned model to (must not exist or be empty)")
+    pr.add_argument("--save_format", default="hf", choices=["hf", "compressed-tensors", "bitmask-v1"],
+                    help="format of --save_model: hf, compressed-tensors (vLLM / transformers) or bitmask-v1")
     pr.add_argument("--overwrite", action="store_true", help="allow --save_model to replace a non-empty folder")
     pr.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a .txt/.jsonl file")
     pr.add_argument("--calibration-path", dest="calibration_path", help="local file for a named source")
@@ -71,7 +73,8 @@ def prune_spec(args):
                          "seqlen": args.seqlen, "seed": args.seed},
             pruner=pruner, engine=engine, evaluators=evaluators, dense_baseline=False,
             register={"enabled": False}, tracking={"uri": args.tracking_uri, "experiment": args.experiment},
-            save={"path": args.save_model, "overwrite": args.overwrite} if args.save_model else None,
+            save=({"path": args.save_model, "overwrite": args.overwrite, "format": args.save_format}
+                  if args.save_model else None),
         )
     except Exception as exc:
         raise ConfigError(f"invalid flags: {exc}") from None

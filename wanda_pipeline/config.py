@@ -78,12 +78,21 @@ class GateSpec(_Strict):
     lower_is_better: bool = True
 
 
+SaveFormat = Literal["hf", "bitmask-v1", "compressed-tensors"]
+
+
 class RegisterSpec(_Strict):
     enabled: bool = True
     model_name: str | None = Field(None, description="registered model name; default: the pipeline name")
     alias: str = "champion"
     gates: GateSpec = Field(default_factory=GateSpec)
     compressed: bool = Field(True, description="store pruned weights as values + bitmask")
+    format: SaveFormat | None = Field(None, description="format of the registered folder; default: "
+                                      "bitmask-v1 if compressed else hf; compressed-tensors is what vLLM serves")
+
+    @property
+    def folder_format(self) -> str:
+        return self.format or ("bitmask-v1" if self.compressed else "hf")
 
     @field_validator("alias")
     @classmethod
@@ -116,7 +125,7 @@ class SaveSpec(_Strict):
     """Where and how the pruned model is written (written to a temp folder, then renamed)."""
 
     path: str
-    format: Literal["hf"] = Field("hf", description="hf: save_pretrained safetensors folder")
+    format: SaveFormat = Field("hf", description="hf (save_pretrained), compressed-tensors (vLLM) or bitmask-v1")
     overwrite: bool = Field(False, description="replace an existing non-empty folder")
 
 

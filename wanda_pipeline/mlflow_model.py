@@ -1,24 +1,59 @@
-"""MLflow pyfunc loader module for pruned models (``loader_module`` flavour: no pickle).
+"""MLflow pyfunc loader module for pruned models (``loader_module`` flavour: no pickle),
+and the flavour that logs them (:func:`save_model`, for ``mlflow.models.Model.log``).
 
-The model's data folder is either a ``save_pretrained`` folder or a bitmask-compressed
-folder from :func:`wanda_pipeline.saving.save_sparse`.
+The model folder (a ``save_pretrained`` folder, a compressed-tensors export from
+:mod:`wanda_pipeline.export.compressed_tensors`, or a bitmask folder from
+:func:`wanda_pipeline.saving.save_sparse`) *is* the MLflow model's root, next to ``MLmodel``:
+a download of ``models:/NAME@champion`` is a folder ``vllm serve`` or ``from_pretrained`` take.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from wanda_pipeline.saving import SPARSE_FILE, load_sparse
 
 
+def save_model(path: str, mlflow_model=None, folder: str | Path | None = None,
+               pip_requirements: list[str] | None = None, **_kwargs) -> None:
+    """Flavour hook for ``Model.log(flavor=this module, folder=...)``: copy ``folder`` to the
+    model root and describe it as a pyfunc whose data is the root itself."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    root = Path(path)
+    shutil.copytree(folder, root, dirs_exist_ok=True)
+    (root / "requirements.txt").write_text("\n".join(pip_requirements or []) + "\n")
+    mlflow_model = mlflow_model or Model()
+    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=__name__, data=".")
+    mlflow_model.save(str(root / "MLmodel"))
+
+
+def is_compressed_tensors(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    quant = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "compressed-tensors"
+
+
 def load_folder(path: str | Path):
-    """(model, tokenizer) from a saved folder, either format."""
+    """(model, tokenizer) from a saved folder, any format."""
     path = Path(path)
     if (path / SPARSE_FILE).exists():
         return load_sparse(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path)
+    kwargs = {}
+    if is_compressed_tensors(path):
+        from transformers import CompressedTensorsConfig
+
+        # Decompress while loading: with compressed-tensors 0.20 and transformers 5.23 the
+        # default (decompress on first forward) cannot load asymmetric zero points.
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 

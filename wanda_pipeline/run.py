@@ -92,6 +92,12 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
     with run_ctx as run_id:
         result.mlflow_run_id = run_id
         loaded = timed("load", stages.load, spec.model, spec.engine.stream)
+        if plugins.quantizer is not None and "compressed-tensors" in _formats(spec, save, tracker):
+            from wanda_pipeline.export.compressed_tensors import preflight as export_preflight
+
+            # the group size must fit the model's linears: fail now, not after pruning
+            timed("preflight-export", export_preflight, loaded.model, plugins.quantizer, spec.engine.include,
+                  spec.engine.exclude)
         windows = None
         if plugins.pruner.required_stats():
             key = stages.calibration_key(spec.calibration, loaded)
@@ -141,12 +147,13 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         provenance = {**result.params, "metrics": result.metrics, "dense": dense,
                       "block_target_sparsity": outcome.block_ratios}
         if save is not None:  # before register: a version is registered only once everything else worked
-            result.saved = timed("save", stages.save, loaded, save, provenance)
+            result.saved = timed("save", stages.save, loaded, save, provenance, spec, plugins.quantizer)
         if tracker:
             from wanda_pipeline.tracking.record import log_results
 
             log_results(tracker, metrics, dense, outcome.block_ratios, results, result.weights_digest)
-            timed("register", _register, tracker, spec, pipeline, loaded, result, provenance, target)
+            timed("register", _register, tracker, spec, pipeline, loaded, result, provenance, target,
+                  plugins.quantizer)
         _cleanup(outcome, spec)
         clock = {f"time_{k.replace('-', '_')}_s": v for k, v in result.seconds.items()}
         clock["peak_rss_bytes"] = stages.peak_rss_bytes()
@@ -154,6 +161,10 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         if tracker:
             tracker.log_metrics(clock)
     return result
+
+
+def _formats(spec: PipelineSpec, save: SaveSpec | None, tracker) -> set[str]:
+    return ({spec.registration.folder_format} if tracker else set()) | ({save.format} if save else set())
 
 
 def _cleanup(outcome, spec: PipelineSpec) -> None:
@@ -167,13 +178,14 @@ def _cleanup(outcome, spec: PipelineSpec) -> None:
 
 
 def _register(tracker, spec: PipelineSpec, pipeline: str, loaded, result: RunResult, provenance: dict,
-              target: float) -> None:
+              target: float, quantizer: Any = None) -> None:
     """Log the model to the run; if registration is on, hand it to the promotion policy."""
     from wanda_pipeline.tracking.promotion import log_model, register_and_promote
 
     reg = spec.registration
-    result.model_uri = log_model(tracker, loaded, provenance, reg.compressed, pipeline,
-                                 result.metrics.get("sparsity_total"))
+    fmt = reg.folder_format
+    result.model_uri = log_model(tracker, loaded, provenance, fmt, pipeline, result.metrics.get("sparsity_total"),
+                                 lambda out: stages.export_model(loaded, out, fmt, provenance, spec, quantizer))
     if not reg.enabled:
         return
     m = result.metrics

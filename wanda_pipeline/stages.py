@@ -185,17 +185,25 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluators: dict[str, Any]) -> di
     return out
 
 
-def save(loaded: Loaded, spec: SaveSpec, provenance: dict) -> str:
-    """Write the model to ``spec.path`` atomically, in ``spec.format`` (only 'hf' today)."""
-    from wanda_pipeline.saving import save_model
-
+def save(loaded: Loaded, spec: SaveSpec, provenance: dict, pipeline: PipelineSpec, quantizer: Any = None) -> str:
+    """Write the model to ``spec.path`` atomically, in ``spec.format``."""
     try:
-        return str(save_model(loaded.model, loaded.tokenizer, spec.path, provenance, overwrite=spec.overwrite))
+        return str(export_model(loaded, spec.path, spec.format, provenance, pipeline, quantizer, spec.overwrite))
     except FileExistsError:
         raise OutputError(f"save folder {spec.path} appeared while the run was going (another run?); nothing was "
                           f"written. Choose another folder or set save.overwrite") from None
     except OSError as exc:
         raise OutputError(f"could not write {spec.path}: {exc}; nothing was left half-written") from exc
+
+
+def export_model(loaded: Loaded, out_dir: str | Path, fmt: str, provenance: dict, pipeline: PipelineSpec,
+                 quantizer: Any = None, overwrite: bool = False) -> Path:
+    """The one place that turns a pruned model into a folder, in any format."""
+    from wanda_pipeline.export import save as export_save
+
+    return export_save(loaded.model, loaded.tokenizer, out_dir, fmt, provenance, quantizer=quantizer,
+                       pattern=pipeline.pruner.options().get("pattern", "unstructured"),
+                       include=pipeline.engine.include, exclude=pipeline.engine.exclude, overwrite=overwrite)
 
 
 def peak_rss_bytes() -> int:

@@ -211,16 +211,19 @@ class MLflowTracker:
     # ------------------------------------------------------------ models
     @_tracked
     def log_model(self, folder: str | Path, metadata: dict[str, Any]) -> str:
-        """Log a saved model folder as a pyfunc (loader module, safetensors, no pickle)."""
+        """Log a saved model folder as a pyfunc (loader module, safetensors, no pickle), the folder
+        at the model's root so the registered version is directly servable."""
         import torch
         import transformers
+        from mlflow.models import Model
 
-        from wanda_pipeline import __version__
+        from wanda_pipeline import __version__, mlflow_model
 
-        info = self._mlflow.pyfunc.log_model(
+        info = Model.log(
+            None,  # artifact_path: deprecated in MLflow 3 but still positional
             name="model",
-            loader_module="wanda_pipeline.mlflow_model",
-            data_path=str(folder),
+            flavor=mlflow_model,
+            folder=str(folder),
             pip_requirements=[f"wanda-pipeline=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
                               f"transformers=={transformers.__version__}"],
             metadata=metadata,

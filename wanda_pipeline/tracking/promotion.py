@@ -8,7 +8,9 @@ tells the caller."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wanda_pipeline.config import RegisterSpec
@@ -46,19 +48,20 @@ def decide(gates: list[GateResult], registry_error: str | None = None) -> Decisi
     return Decision(True, "passed all gates")
 
 
-def log_model(tracker, loaded, provenance: dict, compressed: bool, pipeline: str, sparsity: float | None) -> str:
-    """Save the model to a temp folder and log it to the run; returns the model URI."""
-    from wanda_pipeline.saving import folder_bytes, save_model, save_sparse
+def log_model(tracker, loaded, provenance: dict, fmt: str, pipeline: str, sparsity: float | None,
+              write: Callable[[Path], Any]) -> str:
+    """Write the model with ``write(folder)`` into a temp folder and log it to the run (the folder
+    is the MLflow model's root, so a registered version is directly servable); returns the URI."""
+    from wanda_pipeline.saving import folder_bytes
 
-    with tempfile.TemporaryDirectory(prefix="wanda-model-") as tmp:
-        saver = save_sparse if compressed else save_model
-        saver(loaded.model, loaded.tokenizer, tmp, provenance)
+    with tempfile.TemporaryDirectory(prefix="wanda-model-") as root:
+        tmp = Path(root) / "model"
+        write(tmp)
         stored = folder_bytes(tmp)
         dense_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         tracker.log_metrics({"model_stored_bytes": stored, "model_dense_bytes": dense_bytes,
                              "model_stored_ratio": stored / dense_bytes})
-        return tracker.log_model(tmp, metadata={"sparsity": sparsity, "pipeline": pipeline,
-                                                "format": saver.__name__})
+        return tracker.log_model(tmp, metadata={"sparsity": sparsity, "pipeline": pipeline, "format": fmt})
 
 
 def register_and_promote(tracker, spec: RegisterSpec, pipeline: str, model_uri: str, metrics: dict[str, float],
