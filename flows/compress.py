@@ -287,6 +287,19 @@ def _link_artifact(summary: dict) -> None:
         pass
 
 
+def sweep_row(pipeline: str, spec: PipelineSpec, summary: dict | None) -> dict:
+    """One line of a sweep's results table; ``summary`` is None for a point that failed."""
+    row = {"pipeline": pipeline, "pruner": spec.pruner.name,
+           "pattern": spec.pruner.options().get("pattern", "unstructured"),
+           "target": spec.pruner.options().get("sparsity", 0.5)}
+    if summary is None:
+        return row
+    row.update({k: v for k, v in summary["metrics"].items() if not k.startswith(("time_", "peak_", "counter_"))})
+    if summary.get("registration"):
+        row["promoted"] = summary["registration"]["promoted"]
+    return row
+
+
 @flow(name="sweep", flow_run_name="sweep-{name}")
 def sweep(name: str, points: list[dict], tracking: bool = True) -> list[dict]:
     """Run each point ``{"pipeline": name, "spec": {...}}`` as a compress subflow; one parent MLflow run."""
@@ -305,13 +318,7 @@ def sweep(name: str, points: list[dict], tracking: bool = True) -> list[dict]:
             s = compress(point["pipeline"], point["spec"], dense_metrics=dense_cache.get(dense_key),
                          parent_run_id=parent, tracking=tracking)
             dense_cache.setdefault(dense_key, s["dense"])
-            row = {"pipeline": point["pipeline"], "pruner": spec.pruner.name,
-                   "pattern": spec.pruner.options().get("pattern", "unstructured"),
-                   "target": spec.pruner.options().get("sparsity", 0.5)}
-            row.update({k: v for k, v in s["metrics"].items() if not k.startswith(("time_", "peak_", "counter_"))})
-            if s.get("registration"):
-                row["promoted"] = s["registration"]["promoted"]
-            table.append(row)
+            table.append(sweep_row(point["pipeline"], spec, s))
         if tracker:
             tracker.log_table(table, "sweep_results.csv")
             ppl = next((k for k in table[0] if k.startswith("ppl_") and not k.endswith("_vs_dense")), None)

@@ -1,7 +1,7 @@
 """The ``wanda-pipeline`` command.
 
 ``prune`` mirrors the reference repo's ``main.py`` and runs the library directly;
-``run``, ``sweep`` and ``serve`` go through the Prefect flows; ``validate``, ``list``,
+``run``, ``sweep``, ``serve`` and ``deploy`` go through the Prefect flows; ``validate``, ``list``,
 ``plugins`` and ``promote`` inspect or change state. Exit codes come from
 :mod:`wanda_pipeline.errors` (2 config, 3 plugin, 4 data, 5 run, 6 tracking).
 """
@@ -178,11 +178,26 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from flows.compress import run_sweep_by_name
-
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: needs at least 1")
     doc = _load_file(args, with_plugins=False)
-    table = run_sweep_by_name(doc, args.name)
+    if args.pool is None and (args.workers or 1) == 1:  # one process, points one after another
+        if args.devices:
+            raise ConfigError("--devices needs --workers N (N >= 2) or --pool: it splits devices between workers")
+        from flows.compress import run_sweep_by_name
+
+        _print_table(run_sweep_by_name(doc, args.name), f"sweep {args.name}")
+        return 0
+    from flows.pool_sweep import run_sweep_on_pool
+    from wanda_pipeline.errors import RunError
+    from wanda_pipeline.scaleout import parse_devices
+
+    table = run_sweep_on_pool(doc, args.name, args.workers or 0, args.pool, parse_devices(args.devices))
     _print_table(table, f"sweep {args.name}")
+    failed = [r["pipeline"] for r in table if r["status"] != "ok"]
+    if failed:
+        print(f"error: {len(failed)} of {len(table)} point(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+        return RunError.exit_code
     return 0
 
 
@@ -191,6 +206,16 @@ def cmd_serve(args) -> int:
 
     doc = _load_file(args)
     serve_scheduled(doc, names=args.names or None)
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from flows.serve import deploy_scheduled
+
+    doc = _load_file(args)
+    for name, dep_id in deploy_scheduled(doc, names=args.names or None, pool=args.pool).items():
+        print(f"deployment compress/{name} ({dep_id}) on work pool {args.pool!r}")
+    print(f"start workers with: prefect worker start --pool {args.pool} --type process")
     return 0
 
 
@@ -242,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = with_file(sub.add_parser("sweep", help="run a named sweep; prints a results table"))
     s.add_argument("name")
+    s.add_argument("--workers", type=int, help="run points in parallel on N local Prefect workers (default 1: "
+                   "in this process, one after another)")
+    s.add_argument("--pool", help="a process work pool on the server at PREFECT_API_URL whose workers run the points")
+    s.add_argument("--devices", help="GPUs to split between the workers, e.g. 0,1 (each gets CUDA_VISIBLE_DEVICES)")
     s.set_defaults(func=cmd_sweep)
 
     v = sub.add_parser("validate", help="check a pipelines file, listing every problem")
@@ -257,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = with_file(sub.add_parser("serve", help="serve scheduled pipelines as Prefect deployments"))
     sv.add_argument("names", nargs="*")
     sv.set_defaults(func=cmd_serve)
+
+    dp = with_file(sub.add_parser("deploy", help="register scheduled pipelines as deployments on a work pool"))
+    dp.add_argument("names", nargs="*")
+    dp.add_argument("--pool", default="wanda-pipeline", help="process work pool (created if missing)")
+    dp.set_defaults(func=cmd_deploy)
 
     pm = sub.add_parser("promote", help="give a registered model version an alias by hand")
     pm.add_argument("name")
