@@ -33,7 +33,8 @@ from wanda_pipeline.tracking.plots import sweep_figure
 
 
 def _progress(name: str, state: str) -> None:
-    print(f"point {name}: {state}", file=sys.stderr, flush=True)
+    if state not in {"Scheduled", "Late", "Pending", "Submitting"}:  # only what a user acts on
+        print(f"point {name}: {state}", file=sys.stderr, flush=True)
 
 
 def pooled_points(doc: PipelinesFile, name: str) -> tuple[list[dict], str]:
