@@ -236,4 +236,4 @@ def test_deployed_schedule_runs_on_a_worker_and_registers_a_model(tmp_path, tiny
         worker.wait(60)
     client = MlflowClient(uri, uri)
     mv = client.get_model_version_by_alias("tiny", "champion")
-    assert mv.version == "1" and client.get_run(mv.run_id).data.tags["prefect_flow_run_id"] == run["id"]
+    assert str(mv.version) == "1" and client.get_run(mv.run_id).data.tags["prefect_flow_run_id"] == run["id"]
