@@ -50,11 +50,11 @@ def deploy_flow(fl, name: str, pool: str, **options) -> str:
 
 
 def submit_points(deployment_id: str, points: list[dict], parent_run_id: str | None, sweep: str,
-                  job_variables: dict | None = None) -> list[str]:
-    """One flow run per point; returns their ids at once (the workers run them)."""
+                  job_variables: dict | None = None, ids: list[str] | None = None) -> list[str]:
+    """One flow run per point, appended to ``ids`` as each is created (the workers run them)."""
     from prefect.deployments import run_deployment
 
-    ids = []
+    ids = [] if ids is None else ids
     for point in points:
         fr = run_deployment(deployment_id, parameters={"pipeline": point["pipeline"], "spec": point["spec"],
                                                        "parent_run_id": parent_run_id},

@@ -84,17 +84,19 @@ def run_sweep_on_pool(doc: PipelinesFile, name: str, workers: int, pool: str | N
         if own_pool and user_api:
             stack.callback(_remove_pool, pool, deployment_id)
         group = stack.enter_context(WorkerGroup(api, pool, [{"CUDA_VISIBLE_DEVICES": d} if d else {} for d in slots]))
+        theirs = "" if own_pool else " + the pool's own"
         print(f"sweep {name}: {len(points)} point(s) on work pool {pool!r} at {api}, "
-              f"{len(slots)} local worker(s){' + the pool`s own' if not own_pool else ''}", file=sys.stderr)
+              f"{len(slots)} local worker(s){theirs}", file=sys.stderr)
         with tracker.run(f"sweep-{name}", tags={"sweep": name, "prefect_work_pool": pool,
                                                 "sweep.local_workers": str(len(slots))}) as parent:
             # Local workers share this folder, so relative model and data paths mean the same there.
             job_vars = {"working_dir": os.getcwd()} if own_pool else None
-            ids = submit_points(deployment_id, points, parent, name, job_vars)
+            ids: list[str] = []
             alive = (lambda: group.alive() > 0) if own_pool else (lambda: True)
             try:
+                submit_points(deployment_id, points, parent, name, job_vars, ids)
                 runs = wait_for_runs(ids, alive, on_change=_progress)
-            except BaseException:
+            except BaseException:  # Ctrl-C included: no point of this sweep is left queued on the server
                 cancel_runs(ids)
                 raise
             table = _table(tracker, parent, points, [runs[i] for i in ids])
