@@ -119,6 +119,10 @@ def render(r: dict) -> str:
         f"{sum(x['point_s']) / len(x['point_s']):.0f} | {x['overlap_s']:.0f} | `{x['command']}` |"
         for x in r["results"])
     m, v = r["machine"], r["versions"]
+    ratio = r["wall_ratio_w2_over_w1"]
+    verdict = (f"On this machine the pool gained nothing (it took {ratio - 1:.0%} longer)." if ratio >= 1 else
+               f"On this machine the gain is small: {1 - ratio:.0%} less wall time." if ratio > 0.8 else
+               f"On this machine the pool saved {1 - ratio:.0%} of the wall time.")
     return f"""# Sweep on a work pool: --workers 1 vs --workers 2
 
 SmolLM2-135M (demo model, float32, CPU), Wanda at sparsity 0.3 / 0.5 / 0.7: 3 points, calibration
@@ -135,10 +139,10 @@ this script; each wall time includes starting its Prefect server.
 `--workers 1` runs the points one after another in one process (models and libraries loaded once,
 no overlap). `--workers 2` starts a `prefect server`, a process work pool and two workers; each
 point is a fresh flow-run process that imports torch, transformers, Prefect and MLflow and loads
-the model itself, and the two workers share the same 2 CPU cores. On this machine the gain is
-small or negative: the points overlap, but two CPU-bound points on 2 cores take about as long as
-one after the other, and each pays a process start. The pool pays off where each point has its
-own GPU and runs for minutes to hours.
+the model itself, and measures its own dense baseline (the one-process sweep measures it once),
+while the two workers share the same 2 CPU cores. {verdict} The points do overlap, but two
+CPU-bound points on 2 cores take about as long as one after the other, and each pays a process
+start. The pool pays off where each point has its own GPU and runs for minutes to hours.
 
 No GPU was lent to this session, so there is no GPU measurement.
 
@@ -152,4 +156,7 @@ No GPU was lent to this session, so there is no GPU measurement.
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--render"]:  # re-write sweep.md from sweep.json
+        (OUT / "sweep.md").write_text(render(json.loads((OUT / "sweep.json").read_text())))
+    else:
+        main()
