@@ -20,7 +20,7 @@ def test_champion_is_a_compressed_tensors_folder(tmp_path, tiny_dir):
     import mlflow
     import mlflow.pyfunc
 
-    from flows.compress import compress
+    from wanda_pipeline.orchestration.compress import compress
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = quick_spec(str(tiny_dir), uri, quantizer={"name": "rtn", "bits": 4, "group_size": 32, "symmetric": False},

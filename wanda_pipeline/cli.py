@@ -1,7 +1,7 @@
 """The ``wanda-pipeline`` command.
 
-``prune`` mirrors the reference repo's ``main.py``; ``run`` and ``sweep`` go through the Prefect
-flows; all three run preflight first and then the one stage sequence in
+``prune`` mirrors the reference repo's ``main.py``; ``run``, ``sweep``, ``serve`` and ``deploy`` go through the
+Prefect flows; prune, run and sweep run preflight first and then the one stage sequence in
 :mod:`wanda_pipeline.run`. ``validate``, ``list``, ``plugins`` and ``promote`` inspect or
 change state. Exit codes: :mod:`wanda_pipeline.errors` (docs/failures.md).
 """
@@ -110,21 +110,38 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     from wanda_pipeline.config import PipelineSpec
+    from wanda_pipeline.errors import ConfigError
     from wanda_pipeline.pipelines_file import sweep_points
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: needs at least 1")
 
     points = sweep_points(_load_file(args, with_plugins=False), args.name)
     saves = [PipelineSpec(**p["spec"]).save for p in points]
     paths = [s.path for s in saves if s is not None]
     if len(paths) != len(set(paths)):
-        from wanda_pipeline.errors import ConfigError
-
         raise ConfigError(f"sweep {args.name!r}: several points would save to the same folder {paths}; "
                           f"remove `save` from the swept pipeline or save each point elsewhere")
     for point in points:
         _checked_spec(PipelineSpec(**point["spec"]))
-    from wanda_pipeline.orchestration.sweep import sweep
+    if args.pool is None and (args.workers or 1) == 1:  # one process, points one after another
+        if args.devices:
+            raise ConfigError("--devices needs --workers N (N >= 2) or --pool: it splits devices between workers")
+        from wanda_pipeline.orchestration.sweep import sweep
 
-    print_table(sweep(args.name, points), f"sweep {args.name}")
+        print_table(sweep(args.name, points), f"sweep {args.name}")
+        return 0
+    from wanda_pipeline.errors import RunError
+    from wanda_pipeline.orchestration.pool_sweep import run_sweep_on_pool
+    from wanda_pipeline.scaleout import parse_devices
+
+    table = run_sweep_on_pool(_load_file(args, with_plugins=False), args.name, args.workers or 0, args.pool,
+                              parse_devices(args.devices))
+    print_table(table, f"sweep {args.name}")
+    failed = [r["pipeline"] for r in table if r["status"] != "ok"]
+    if failed:
+        print(f"error: {len(failed)} of {len(table)} point(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+        return RunError.exit_code
     return 0
 
 
@@ -139,6 +156,16 @@ def cmd_serve(args) -> int:
 
         raise OutputError(f"serve could not start: {exc}. If a port is in use, stop the program holding it or "
                           f"set PREFECT_RUNNER_SERVER_PORT to a free one") from exc
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from wanda_pipeline.orchestration.serve import deploy_scheduled
+
+    doc = _load_file(args)
+    for name, dep_id in deploy_scheduled(doc, names=args.names or None, pool=args.pool).items():
+        print(f"deployment compress/{name} ({dep_id}) on work pool {args.pool!r}")
+    print(f"start workers with: prefect worker start --pool {args.pool} --type process")
     return 0
 
 
@@ -168,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = with_file(sub.add_parser("sweep", help="run a named sweep; prints a results table"))
     s.add_argument("name")
+    s.add_argument("--workers", type=int, help="run points in parallel on N local Prefect workers (default 1: "
+                   "in this process, one after another)")
+    s.add_argument("--pool", help="a process work pool on the server at PREFECT_API_URL whose workers run the points")
+    s.add_argument("--devices", help="GPUs to split between the workers, e.g. 0,1 (each gets CUDA_VISIBLE_DEVICES)")
     s.set_defaults(func=cmd_sweep)
 
     v = sub.add_parser("validate", help="check a pipelines file, listing every problem")
@@ -184,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = with_file(sub.add_parser("serve", help="serve scheduled pipelines as Prefect deployments"))
     sv.add_argument("names", nargs="*")
     sv.set_defaults(func=cmd_serve)
+
+    dp = with_file(sub.add_parser("deploy", help="register scheduled pipelines as deployments on a work pool"))
+    dp.add_argument("names", nargs="*")
+    dp.add_argument("--pool", default="wanda-pipeline", help="process work pool (created if missing)")
+    dp.set_defaults(func=cmd_deploy)
 
     pm = sub.add_parser("promote", help="give a registered model version an alias by hand")
     pm.add_argument("name")

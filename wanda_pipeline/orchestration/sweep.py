@@ -20,6 +20,19 @@ class _no_run:
         return False
 
 
+def sweep_row(pipeline: str, spec: PipelineSpec, summary: dict | None) -> dict:
+    """One line of a sweep's results table; ``summary`` is None for a point that failed."""
+    if summary is None:
+        return {"pipeline": pipeline, "pruner": spec.pruner.name}
+    pruner = summary["params"]["pruner"]
+    row = {"pipeline": pipeline, "pruner": pruner["name"], "pattern": pruner["pattern"],
+           "target": summary["params"]["target_sparsity"]}
+    row.update({k: v for k, v in summary["metrics"].items() if not k.startswith(("time_", "peak_", "counter_"))})
+    if summary.get("registration"):
+        row["promoted"] = summary["registration"]["promoted"]
+    return row
+
+
 @flow(name="sweep", flow_run_name="sweep-{name}")
 def sweep(name: str, points: list[dict], tracking: bool = True) -> list[dict]:
     """Run each point ``{"pipeline": name, "spec": {...}}`` as a compress subflow; one parent MLflow run."""
@@ -35,13 +48,7 @@ def sweep(name: str, points: list[dict], tracking: bool = True) -> list[dict]:
             s = compress(point["pipeline"], point["spec"], dense_metrics=dense_cache.get(dense_key),
                          parent_run_id=parent, tracking=tracking)
             dense_cache.setdefault(dense_key, s["dense"])
-            pruner = s["params"]["pruner"]
-            row = {"pipeline": point["pipeline"], "pruner": pruner["name"], "pattern": pruner["pattern"],
-                   "target": s["params"]["target_sparsity"]}
-            row.update({k: v for k, v in s["metrics"].items() if not k.startswith(("time_", "peak_", "counter_"))})
-            if s.get("registration"):
-                row["promoted"] = s["registration"]["promoted"]
-            table.append(row)
+            table.append(sweep_row(point["pipeline"], spec, s))
         if tracker:
             tracker.log_table(table, "sweep_results.csv")
             ppl = next((k for k in table[0] if k.startswith("ppl_") and not k.endswith("_vs_dense")), None)
