@@ -38,7 +38,10 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, fmt: Format, pro
     check_format(fmt)
     if fmt == "hf":
         return save_model(model, tokenizer, out_dir, provenance, overwrite=overwrite)
-    with atomic_folder(out_dir, overwrite) as tmp:  # whole or nothing, whatever the writer does
+    out = Path(out_dir).expanduser()
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; choose a new folder or allow overwriting (--overwrite)")
+    with atomic_folder(out, overwrite) as tmp:  # whole or nothing, whatever the writer does
         if fmt == "bitmask-v1":
             save_sparse(model, tokenizer, tmp, provenance)
         else:
@@ -47,4 +50,4 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, fmt: Format, pro
 
             meta = sparsity_metadata(model, pattern, include, exclude)
             export_compressed(model, tokenizer, tmp, quantizer, meta, provenance)
-    return Path(out_dir).expanduser()
+    return out
