@@ -75,6 +75,8 @@ def test_prune_and_run_track_the_same_params_and_metrics(tmp_path, tiny_dir, cap
     for k, v in via_prune.data.metrics.items():
         if not k.startswith(("time_", "peak_")):
             assert via_run.data.metrics[k] == pytest.approx(v), k
+    for r in (via_prune, via_run):  # one engine row per block, as steps
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "time_block_s")] == [0, 1]
     artifacts = [{a.path for a in client.list_artifacts(r.info.run_id)} for r in (via_prune, via_run)]
     assert artifacts[0] == artifacts[1]
     assert Path(tmp_path).exists()

@@ -151,7 +151,8 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         if tracker:
             from wanda_pipeline.tracking.record import log_results
 
-            log_results(tracker, metrics, dense, outcome.block_ratios, results, result.weights_digest)
+            log_results(tracker, metrics, dense, outcome.block_ratios, results, result.weights_digest,
+                        outcome.engine.block_metrics())
             timed("register", _register, tracker, spec, pipeline, loaded, result, provenance, target,
                   plugins.quantizer)
         _cleanup(outcome, spec)

@@ -14,8 +14,14 @@ def log_start(tracker, params: dict[str, Any], spec_dump: dict) -> None:
 
 
 def log_results(tracker, metrics: dict[str, float], dense: dict[str, float], block_targets: list[float],
-                results: dict, weights_digest: str) -> None:
+                results: dict, weights_digest: str, block_rows: list[dict[str, float]] = ()) -> None:
+    """``block_rows``: the engine's per-block rows (step, block_seconds, peak_device_bytes on CUDA)."""
     tracker.log_metrics(metrics)
+    for row in block_rows:  # time_/peak_ prefixes: machine-dependent, like the stage times
+        per_block = {"time_block_s": row["block_seconds"]}
+        if "peak_device_bytes" in row:
+            per_block["peak_device_bytes"] = row["peak_device_bytes"]
+        tracker.log_metrics(per_block, step=int(row["step"]))
     tracker.log_metrics({f"dense_{k}": v for k, v in dense.items()})
     for i, r in enumerate(block_targets):
         tracker.log_metrics({"block_target_sparsity": r}, step=i)
