@@ -17,7 +17,7 @@ import traceback
 
 from wanda_pipeline.cli_prune import add_prune_parser
 from wanda_pipeline.console import print_summary, print_table
-from wanda_pipeline.errors import EXIT_INTERNAL, Interrupted, WandaPipelineError
+from wanda_pipeline.errors import EXIT_INTERNAL, Interrupted, WandaPipelineError, note_signal, signal_received
 
 
 def _load_file(args, with_plugins: bool = True):
@@ -122,11 +122,11 @@ def cmd_sweep(args) -> int:
     if len(paths) != len(set(paths)):
         raise ConfigError(f"sweep {args.name!r}: several points would save to the same folder {paths}; "
                           f"remove `save` from the swept pipeline or save each point elsewhere")
-    for point in points:
-        _checked_spec(PipelineSpec(**point["spec"]))
     if args.pool is None and (args.workers or 1) == 1:  # one process, points one after another
         if args.devices:
             raise ConfigError("--devices needs --workers N (N >= 2) or --pool: it splits devices between workers")
+        for point in points:  # one bad point would stop the loop: check them all first
+            _checked_spec(PipelineSpec(**point["spec"]))
         from wanda_pipeline.orchestration.sweep import sweep
 
         print_table(sweep(args.name, points), f"sweep {args.name}")
@@ -232,25 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raise_interrupted(signum, _frame) -> None:
+    note_signal(signum)
     raise Interrupted(signum)
+
+
+def _interrupted(code: int) -> int:
+    print(f"interrupted ({signal.Signals(code - 128).name}): the MLflow run was ended as KILLED, nothing was "
+          f"registered, no partial output was left", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("WANDA_DEBUG", "") not in ("", "0")
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    note_signal(None)
     try:
         return args.func(args)
     except WandaPipelineError as exc:
+        if signal_received() is not None:  # the interrupt surfaced as an ordinary error
+            return _interrupted(signal_received() + 128)
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Interrupted is one; a bare KeyboardInterrupt is SIGINT
-        code = exc.exit_code if isinstance(exc, Interrupted) else 130
-        print(f"interrupted ({signal.Signals(code - 128).name}): the MLflow run was ended as KILLED, nothing was "
-              f"registered, no partial output was left", file=sys.stderr)
-        return code
+        return _interrupted(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except Exception as exc:  # a bug: one line, the traceback only when asked
         if debug:
             traceback.print_exc()

@@ -20,7 +20,7 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--use_variant", action="store_true", help="Wanda variant (per-row alpha search)")
     pr.add_argument("--save", help="folder for the results log")
     pr.add_argument("--save_model", help="folder to write the pruned model to (must not exist or be empty)")
-    pr.add_argument("--save_format", default="hf", choices=["hf", "compressed-tensors", "bitmask-v1"],
+    pr.add_argument("--save_format", default="hf",
                     help="format of --save_model: hf, compressed-tensors (vLLM / transformers) or bitmask-v1")
     pr.add_argument("--overwrite", action="store_true", help="allow --save_model to replace a non-empty folder")
     pr.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a .txt/.jsonl file")

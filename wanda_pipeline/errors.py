@@ -63,6 +63,21 @@ class PreflightError(WandaPipelineError):
         super().__init__(f"preflight found {len(problems)} problem(s); stopped before any model load:\n{lines}")
 
 
+_signals_received: list[int] = []
+
+
+def note_signal(signum: int | None) -> None:
+    """Record (or, with None, forget) a SIGINT/SIGTERM, so a library that turns the interrupt
+    into an ordinary exception cannot make it look like a stage failure."""
+    _signals_received.clear()
+    if signum is not None:
+        _signals_received.append(signum)
+
+
+def signal_received() -> int | None:
+    return _signals_received[-1] if _signals_received else None
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; a KeyboardInterrupt so that libraries do not swallow it."""
 
