@@ -77,3 +77,71 @@ def test_one_pass_masks_equal_the_true_sequential_reference(arch, tokens_gen):
     # The engine's one batched forward and the reference's per-sample forwards round differently;
     # a weight exactly at a row's threshold may flip.
     assert differ == 0, f"{arch}: {differ} of {total} mask entries differ from the reference"
+
+
+def fails_at(block: int, per_block: int) -> WandaPruner:
+    """A real Wanda pruner whose run crashes at the first linear of ``block`` (a killed run);
+    same class and config, so its checkpoint belongs to the same run."""
+    pruner = WandaPruner(WandaConfig(sparsity=0.5))
+    inner, calls = pruner.prune, []
+
+    def prune(weight, stats, sparsity):
+        if len(calls) == block * per_block:
+            raise RuntimeError("killed")
+        calls.append(1)
+        return inner(weight, stats, sparsity)
+
+    pruner.prune = prune
+    return pruner
+
+
+def _zeros(model):
+    return [linear_weight_view(lin) == 0 for b in find_blocks(model)[1] for lin in find_linears(b).values()]
+
+
+def test_one_pass_resumes_to_the_uninterrupted_masks(tmp_path, tokens_gen):
+    tokens = tokens_gen(128, SAMPLES, SEQLEN, seed=3)
+    whole, crashed = build("qwen2-sliding", seed=3), build("qwen2-sliding", seed=3)
+    resumed = copy.deepcopy(crashed)
+    prune_model(whole, tokens, WandaPruner(WandaConfig(sparsity=0.5)), LayerEngine(progress=False, passes=1))
+    per_block = len(find_linears(find_blocks(crashed)[1][0]))
+    with pytest.raises(Exception, match="killed"):
+        prune_model(crashed, tokens, fails_at(2, per_block), LayerEngine(progress=False, passes=1),
+                    checkpoint_dir=tmp_path)
+    out = prune_model(resumed, tokens, WandaPruner(WandaConfig(sparsity=0.5)), LayerEngine(progress=False, passes=1),
+                      checkpoint_dir=tmp_path)
+    assert out.engine.resumed_at == 2
+    assert all(torch.equal(a, b) for a, b in zip(_zeros(whole), _zeros(resumed), strict=True))
+
+
+def test_a_passes_2_checkpoint_is_not_resumed_with_passes_1(tmp_path, tokens_gen):
+    tokens = tokens_gen(128, SAMPLES, SEQLEN, seed=3)
+    model = build("llama", seed=3)
+    per_block = len(find_linears(find_blocks(model)[1][0]))
+    with pytest.raises(Exception, match="killed"):
+        prune_model(model, tokens, fails_at(1, per_block), LayerEngine(progress=False), checkpoint_dir=tmp_path)
+    with pytest.raises(Exception, match="passes"):
+        prune_model(build("llama", seed=3), tokens, WandaPruner(WandaConfig(sparsity=0.5)),
+                    LayerEngine(progress=False, passes=1), checkpoint_dir=tmp_path)
+
+
+def test_sparsegpt_runs_in_one_pass(tokens_gen):
+    from wanda_pipeline.pruners.sparsegpt import SparseGPTConfig, SparseGPTPruner
+
+    tokens = tokens_gen(128, SAMPLES, SEQLEN, seed=4)
+    model = build("llama", seed=4)
+    prune_model(model, tokens, SparseGPTPruner(SparseGPTConfig(sparsity=0.5)), LayerEngine(progress=False, passes=1))
+    for z in _zeros(model):
+        assert abs(z.float().mean().item() - 0.5) < 0.02
+
+
+def test_batches_that_cannot_be_joined_are_refused():
+    h = [torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)]
+    ok = torch.zeros(1, 4)
+    hidden, _rest, kw = join_calls(h, [((), {"pos": ok, "mask": torch.ones(2, 4)}), ((), {"pos": ok,
+                                                                                          "mask": torch.zeros(2, 4)})])
+    assert hidden.shape[0] == 4 and kw["pos"] is ok and torch.equal(kw["mask"][2:], torch.zeros(2, 4))
+    with pytest.raises(ConfigError, match="passes: 2"):
+        join_calls(h, [((), {"m": torch.zeros(3, 4)}), ((), {"m": torch.ones(3, 4)})])
+    with pytest.raises(ConfigError, match="passes: 2"):
+        join_calls(h, [((), {"w": 4}), ((), {"w": 5})])
