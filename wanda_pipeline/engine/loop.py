@@ -99,6 +99,7 @@ class LayerEngine:
         self.batch_size = batch_size  # an int, or "auto": chosen from free memory at capture
         self.passes = passes
         self.threads = threads
+        self._samples: int | None = None  # sequences in the block call now running
         self.offload_activations = offload_activations
         self.include = include
         self.exclude = exclude
@@ -201,7 +202,7 @@ class LayerEngine:
         pre-hook when its input arrives (see :mod:`.onepass`). Returns the outputs per batch."""
         hidden, rest, kwargs = join_calls(inputs, calls)
         sizes = [h.shape[0] for h in inputs]
-        one = OnePass(visitor, index, block, linears, needed, self.device)
+        one = OnePass(visitor, index, block, linears, needed, self.device, hidden.shape[0])
         out = one.run(lambda: self.forward(block, [hidden], [(rest, kwargs)])[0])
         parts = out.split(sizes, dim=0)
         return [p.clone() for p in parts] if len(parts) > 1 else [out]  # own storage: checkpoints save each
@@ -213,6 +214,7 @@ class LayerEngine:
         with torch.no_grad():
             for hidden, (rest, kwargs) in zip(inputs, calls, strict=True):
                 args, kw = _to(rest, self.device, memo), _to(kwargs, self.device, memo)
+                self._samples = hidden.shape[0]  # for the statistics hooks
                 out = _hidden(block(hidden.to(self.device), *args, **kw))
                 outs.append(out.detach().to(self.store_device))
         return outs
@@ -245,12 +247,11 @@ class LayerEngine:
     def _peak(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
-    @staticmethod
-    def _observer(accs: dict):
+    def _observer(self, accs: dict):
         def hook(_module, args, _out):
             x = args[0].detach()
             for acc in accs.values():
-                acc.update(x)
+                acc.update(x, self._samples)
 
         return hook
 

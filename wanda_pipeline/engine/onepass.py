@@ -60,13 +60,13 @@ class OnePass:
     """Pre-hooks that prune each linear, once, right before its first call in the forward."""
 
     def __init__(self, visitor, index: int, block: nn.Module, linears: dict[str, nn.Module], needed: set[str],
-                 device: torch.device):
+                 device: torch.device, samples: int):
         self.visitor, self.index, self.block, self.linears = visitor, index, block, linears
-        self.needed, self.device = needed, device
+        self.needed, self.device, self.samples = needed, device, samples
         self.done: set[str] = set()
         self._last: tuple[torch.Tensor, dict] | None = None  # q/k/v share one input: accumulate once
 
-    def _stats(self, name: str, x: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _stats(self, name: str, x: torch.Tensor | None, samples: int | None = None) -> dict[str, torch.Tensor]:
         in_features = linear_weight_view(self.linears[name]).shape[1]
         if x is not None and self._last is not None and self._last[0] is x:
             accs = self._last[1]
@@ -75,19 +75,19 @@ class OnePass:
         accs = make_accumulators(self.needed, in_features, self.device)
         if x is not None:
             for acc in accs.values():
-                acc.update(x)
+                acc.update(x, samples)
             self._last = (x, accs)
         return {k: a.value for k, a in accs.items()}
 
-    def prune(self, name: str, x: torch.Tensor | None) -> None:
+    def prune(self, name: str, x: torch.Tensor | None, samples: int | None = None) -> None:
         if name in self.done:
             return  # a linear called twice in one forward is pruned on its first input only
         self.done.add(name)
-        self.visitor.visit(self.index, self.block, {name: self.linears[name]}, {name: self._stats(name, x)})
+        self.visitor.visit(self.index, self.block, {name: self.linears[name]}, {name: self._stats(name, x, samples)})
 
     def hook(self, name: str):
         def pre(_module, args):
-            self.prune(name, args[0].detach())
+            self.prune(name, args[0].detach(), self.samples)
 
         return pre
 
