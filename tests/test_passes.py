@@ -22,7 +22,8 @@ from wanda_pipeline.pruning import prune_model
 def execution_order(model, tokens, block) -> list[str]:
     order, hooks = [], []
     for name, lin in find_linears(block).items():
-        hooks.append(lin.register_forward_hook(lambda *_a, name=name: order.append(name) if name not in order else None))
+        first = lambda *_a, name=name: order.append(name) if name not in order else None  # noqa: E731
+        hooks.append(lin.register_forward_hook(first))
     with torch.no_grad():
         model(input_ids=tokens[:1], use_cache=False)
     for h in hooks:

@@ -26,7 +26,8 @@ def _merge(values: list[Any], sizes: list[int], where: str) -> Any:
         same = all(v is first for v in values)
         if same and (first.dim() == 0 or first.shape[0] == 1):
             return first  # broadcasts over any batch (rotary tables, position ids, shared masks)
-        if all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v, n in zip(values, sizes)):
+        pairs = zip(values, sizes, strict=True)
+        if all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v, n in pairs):
             return torch.cat(values, dim=0)  # per-sample (padding masks, per-row positions)
         raise ConfigError(
             f"passes=1: block argument {where} has shapes {[tuple(v.shape) for v in values]} that are neither "
