@@ -87,3 +87,17 @@ def test_threads_are_set_while_pruning_and_restored(tokens_gen):
 
     prune_model(model, tokens, Spy(WandaConfig(sparsity=0.5)), LayerEngine(progress=False, threads=1))
     assert set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_prune_flags_reach_the_engine_spec():
+    import argparse
+
+    from wanda_pipeline.cli_prune import add_prune_parser, prune_spec
+
+    parser = argparse.ArgumentParser()
+    add_prune_parser(parser.add_subparsers())
+    spec = prune_spec(parser.parse_args(["prune", "--model", "m", "--passes", "1", "--batch-size", "auto",
+                                         "--threads", "1"]))
+    assert (spec.engine.passes, spec.engine.batch_size, spec.engine.threads) == (1, "auto", 1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prune", "--model", "m", "--batch-size", "many"])

@@ -146,3 +146,26 @@ def test_batches_that_cannot_be_joined_are_refused():
         join_calls(h, [((), {"m": torch.zeros(3, 4)}), ((), {"m": torch.ones(3, 4)})])
     with pytest.raises(ConfigError, match="passes: 2"):
         join_calls(h, [((), {"w": 4}), ((), {"w": 5})])
+
+
+def test_one_pass_streams_to_the_in_memory_result(tokens_gen, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from wanda_pipeline.engine import ShardSource
+    from wanda_pipeline.engine.skeleton import build_skeleton
+    from wanda_pipeline.pruning import finish_streaming, streaming_io
+
+    build("gemma2", seed=3).save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    tokens = tokens_gen(128, SAMPLES, SEQLEN, seed=3)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    prune_model(dense, tokens, WandaPruner(WandaConfig(sparsity=0.5)), LayerEngine(progress=False, passes=1))
+    skeleton = build_skeleton(tmp_path / "src", torch.float32)
+    ShardSource(skeleton, tmp_path / "src")
+    io = streaming_io(skeleton, str(tmp_path / "out"))
+    outcome = prune_model(skeleton, tokens, WandaPruner(WandaConfig(sparsity=0.5)),
+                          LayerEngine(progress=False, passes=1), source=io[0], sink=io[1])
+    finish_streaming(skeleton, io, outcome)
+    written = AutoModelForCausalLM.from_pretrained(outcome.streamed_to).state_dict()
+    expected = dense.state_dict()
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
