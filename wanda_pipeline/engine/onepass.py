@@ -88,7 +88,7 @@ class OnePass:
 
     def hook(self, name: str):
         def pre(_module, args):
-            self.prune(name, args[0].detach(), self.samples)
+            self.prune(name, args[0], self.samples)  # the same object for q/k/v: accumulated once
 
         return pre
 
