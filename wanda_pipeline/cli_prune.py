@@ -32,7 +32,12 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--eval-path", dest="eval_path", help="local WikiText-2 test file")
     pr.add_argument("--dtype", default="float32")
     pr.add_argument("--device", default="cpu")
-    pr.add_argument("--batch-size", dest="batch_size", type=int, default=1)
+    pr.add_argument("--batch-size", dest="batch_size", type=_batch_size, default=1,
+                    help="calibration sequences per block forward, or 'auto' (from free memory); 1 is reference-exact")
+    pr.add_argument("--passes", type=int, choices=[1, 2], help="2 (default): reference-exact, two forwards per "
+                    "block; 1: one forward of all calibration sequences per block, linears pruned as their input "
+                    "arrives (faster, memory grows with the calibration set)")
+    pr.add_argument("--threads", type=int, help="torch CPU threads while pruning (default: torch's)")
     pr.add_argument("--include", help="regex: prune only linears whose name (inside a block) matches")
     pr.add_argument("--exclude", help="regex: leave matching linears dense, e.g. 'mlp\\.down_proj'")
     pr.add_argument("--checkpoint_dir", help="checkpoint after every block here and resume from it after a "
@@ -47,6 +52,15 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--experiment", default="wanda-pipeline")
     pr.set_defaults(func=cmd_prune)
     return pr
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
 
 
 def prune_spec(args):

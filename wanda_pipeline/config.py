@@ -6,7 +6,7 @@ Nothing here imports Prefect or MLflow."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -57,7 +57,13 @@ class PluginSpec(BaseModel):
 
 class EngineSpec(_Strict):
     device: str = "cpu"
-    batch_size: int = Field(1, gt=0)
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        1, description="calibration sequences per block forward; 'auto': from free memory (CUDA: free device "
+                       "memory, CPU: available RAM). 1 is reference-exact; larger batches round differently")
+    passes: Literal[1, 2] = Field(
+        2, description="2: statistics forward, prune, second forward (reference-exact); 1: one forward of all "
+                       "calibration sequences per block, each linear pruned before it runs (true-sequential)")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads while pruning; None: torch's default")
     offload_activations: bool = True
     include: str | None = Field(None, description="regex on linear names inside a block")
     exclude: str | None = None

@@ -41,6 +41,8 @@ class PruneOutcome:
 
 
 class PruneVisitor:
+    one_pass = True  # visit() may be called linear by linear within a block (passes=1)
+
     def __init__(self, pruner: Pruner, ratios: list[float]):
         self.pruner = pruner
         self.ratios = ratios
@@ -50,7 +52,8 @@ class PruneVisitor:
         return set(self.pruner.required_stats())
 
     def visit(self, index: int, block: nn.Module, linears: dict, stats: dict) -> bool:
-        state = {}
+        # passes=1 visits one linear at a time: keep adding to this block's state
+        state = self._state[1] if self._state is not None and self._state[0] == index else {}
         for name, lin in linears.items():
             weight = linear_weight_view(lin)
             before = weight.clone()
@@ -102,6 +105,7 @@ def run_fingerprint(source: BlockSource, tokens: torch.Tensor | None, pruner: Pr
         "allocation": allocation.model_dump(mode="json"),
         "linears": {"include": engine.include, "exclude": engine.exclude},
         "batch_size": engine.batch_size,
+        "passes": engine.passes,
     }
 
 

@@ -115,7 +115,8 @@ def calibration_key(spec: CalibrationSpec, loaded: Loaded) -> str | None:
 
 def make_engine(spec: EngineSpec, progress: bool = True) -> LayerEngine:
     return LayerEngine(device=spec.device, batch_size=spec.batch_size, offload_activations=spec.offload_activations,
-                       include=spec.include, exclude=spec.exclude, progress=progress)
+                       include=spec.include, exclude=spec.exclude, progress=progress, passes=spec.passes,
+                       threads=spec.threads)
 
 
 def prune(loaded: Loaded, windows: Windows | None, pruner: Any, spec: PipelineSpec,

@@ -22,10 +22,12 @@ class _RunningMean:
     def __init__(self):
         self.nsamples = 0
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, samples: int | None = None) -> None:
+        """``samples``: calibration sequences in ``x``. The engine passes it, because some blocks
+        (OPT) flatten (batch, seq, hidden) to (batch * seq, hidden) before their MLP."""
         if x.dim() == 2:
             x = x.unsqueeze(0)
-        batch = x.shape[0]
+        batch = samples if samples is not None else x.shape[0]
         x = x.reshape(-1, x.shape[-1]).t().float()  # (in_features, tokens)
         self.value *= self.nsamples / (self.nsamples + batch)
         self.nsamples += batch

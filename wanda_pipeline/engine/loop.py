@@ -18,8 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wanda_pipeline.engine.batching import auto_batch_size
 from wanda_pipeline.engine.capture import Captured, capture
 from wanda_pipeline.engine.checkpoint import Checkpoint
+from wanda_pipeline.engine.onepass import OnePass, join_calls
 from wanda_pipeline.engine.sink import BlockSink, ModelSink
 from wanda_pipeline.engine.source import BlockSource, ModelSource
 from wanda_pipeline.models import find_linears, linear_weight_view
@@ -83,14 +85,21 @@ class LayerEngine:
     def __init__(
         self,
         device: str | torch.device = "cpu",
-        batch_size: int = 1,
+        batch_size: int | str = 1,
         offload_activations: bool = True,
         include: str | None = None,
         exclude: str | None = None,
         progress: bool = True,
+        passes: int = 2,
+        threads: int | None = None,
     ):
+        if passes not in (1, 2):
+            raise ValueError(f"passes must be 1 or 2, got {passes!r}")
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # an int, or "auto": chosen from free memory at capture
+        self.passes = passes
+        self.threads = threads
+        self._samples: int | None = None  # sequences in the block call now running
         self.offload_activations = offload_activations
         self.include = include
         self.exclude = exclude
@@ -105,11 +114,25 @@ class LayerEngine:
         """Every block's own inputs (see :mod:`.capture`), at the cost of the embeddings."""
         source = source or ModelSource(model)
         input_device = source.prepare_outer()
-        return capture(model, source.blocks, tokens, self.batch_size, self.store_device, input_device)
+        batch = self.batch_size
+        if batch == "auto":
+            batch = auto_batch_size(model, tokens, self.device, whole=self.passes == 1)
+        return capture(model, source.blocks, tokens, int(batch), self.store_device, input_device)
 
     def run(self, model: nn.Module, tokens: torch.Tensor | None, visitor: BlockVisitor,
             source: BlockSource | None = None, sink: BlockSink | None = None,
             checkpoint: Checkpoint | None = None) -> EngineReport:
+        if self.threads is None:
+            return self._run(model, tokens, visitor, source, sink, checkpoint)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._run(model, tokens, visitor, source, sink, checkpoint)
+        finally:
+            torch.set_num_threads(before)
+
+    def _run(self, model: nn.Module, tokens: torch.Tensor | None, visitor: BlockVisitor,
+             source: BlockSource | None, sink: BlockSink | None, checkpoint: Checkpoint | None) -> EngineReport:
         source = source or ModelSource(model)
         sink = sink or ModelSink()
         report = EngineReport(blocks=len(source.blocks))
@@ -140,10 +163,13 @@ class LayerEngine:
                 outputs: list[torch.Tensor] = []
             else:
                 calls = captured.block_calls(index)
-                stats, outputs = self.observe(block, linears, inputs, calls, needed)
-                if visitor.visit(index, block, linears, stats):
-                    outputs = self.forward(block, inputs, calls)
-                del stats
+                if self.passes == 1 and getattr(visitor, "one_pass", False):
+                    outputs = self.prune_in_forward(visitor, index, block, linears, inputs, calls, needed)
+                else:
+                    stats, outputs = self.observe(block, linears, inputs, calls, needed)
+                    if visitor.visit(index, block, linears, stats):
+                        outputs = self.forward(block, inputs, calls)
+                    del stats
             if checkpoint is not None:
                 checkpoint.save(index, self._state(visitor, index, linears), outputs)
             sink.put(index, block)
@@ -169,6 +195,18 @@ class LayerEngine:
                 h.remove()
         return {name: {k: a.value for k, a in acc.items()} for name, acc in accs.items()}, outputs
 
+    def prune_in_forward(self, visitor: BlockVisitor, index: int, block: nn.Module, linears: dict[str, nn.Module],
+                         inputs: list[torch.Tensor], calls: list[tuple[tuple, dict]],
+                         needed: set[str]) -> list[torch.Tensor]:
+        """passes=1: one forward of all calibration batches joined; each linear is pruned by a
+        pre-hook when its input arrives (see :mod:`.onepass`). Returns the outputs per batch."""
+        hidden, rest, kwargs = join_calls(inputs, calls)
+        sizes = [h.shape[0] for h in inputs]
+        one = OnePass(visitor, index, block, linears, needed, self.device, hidden.shape[0])
+        out = one.run(lambda: self.forward(block, [hidden], [(rest, kwargs)])[0])
+        parts = out.split(sizes, dim=0)
+        return [p.clone() for p in parts] if len(parts) > 1 else [out]  # own storage: checkpoints save each
+
     def forward(self, block: nn.Module, inputs: list[torch.Tensor],
                 calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
         outs: list[torch.Tensor] = []
@@ -176,6 +214,7 @@ class LayerEngine:
         with torch.no_grad():
             for hidden, (rest, kwargs) in zip(inputs, calls, strict=True):
                 args, kw = _to(rest, self.device, memo), _to(kwargs, self.device, memo)
+                self._samples = hidden.shape[0]  # for the statistics hooks
                 out = _hidden(block(hidden.to(self.device), *args, **kw))
                 outs.append(out.detach().to(self.store_device))
         return outs
@@ -208,12 +247,11 @@ class LayerEngine:
     def _peak(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
-    @staticmethod
-    def _observer(accs: dict):
+    def _observer(self, accs: dict):
         def hook(_module, args, _out):
             x = args[0].detach()
             for acc in accs.values():
-                acc.update(x)
+                acc.update(x, self._samples)
 
         return hook
 
