@@ -62,33 +62,50 @@ def save_pattern(model, path: Path) -> None:
 
 
 def run_one(label: str, opts: dict | None, args, pattern_file: Path) -> dict:
+    """One row: the reference procedure (``opts`` None) on the library's loader and sampler, or
+    the product's prune stage through the one run path, timed by its own stage clock."""
     torch.set_num_threads(args.threads)
-    from wanda_pipeline import stages
     from wanda_pipeline.config import PipelineSpec
     from wanda_pipeline.data import wikitext2_test_tokens
     from wanda_pipeline.evaluators.perplexity import perplexity
-    from wanda_pipeline.plugins import discover
 
     pruner = {"name": "wanda", "sparsity": args.sparsity, "pattern": args.pattern}
     spec = PipelineSpec(model={"source": args.model},
                         calibration={"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-                        pruner=pruner, engine=dict(opts or {}, device="cpu"), register={"enabled": False})
-    loaded = stages.load(spec.model)
-    windows = stages.calibrate(spec.calibration, loaded)
+                        pruner=pruner, engine=dict(opts or {}, device="cpu"), register={"enabled": False},
+                        evaluators=[{"name": "sparsity"}], dense_baseline=False)
     load_before = os.getloadavg()[0]
-    t = time.perf_counter()
     if opts is None:
         from reference_procedure import reference_prune
 
+        from wanda_pipeline.data import calibration_windows, default_seqlen
+        from wanda_pipeline.models import load_model
+
+        model, tokenizer, info = load_model(args.model)
+        tokens = calibration_windows("c4", tokenizer, args.nsamples, default_seqlen(info.max_positions, args.seqlen),
+                                     0).tokens
         nm = tuple(int(x) for x in args.pattern.split(":")) if args.pattern != "unstructured" else None
-        reference_prune(loaded.model, windows.tokens, args.sparsity, nm, keep_masks=False)
+        t = time.perf_counter()
+        reference_prune(model, tokens, args.sparsity, nm, keep_masks=False)
+        prune_s = time.perf_counter() - t
     else:
-        stages.prune(loaded, windows, stages.build_plugins(spec, discover()).pruner, spec, progress=False)
-    prune_s = time.perf_counter() - t
+        from wanda_pipeline.run import call, execute
+
+        kept = {}
+
+        def keep_loaded(name, fn, *a, cache_key=None):
+            out = call(name, fn, *a, cache_key=cache_key)
+            if name == "load":
+                kept["loaded"] = out
+            return out
+
+        result = execute(spec, pipeline=label, run_stage=keep_loaded, progress=False)
+        model, tokenizer = kept["loaded"].model, kept["loaded"].tokenizer
+        prune_s = result.seconds["prune"]
     load_after = os.getloadavg()[0]
-    save_pattern(loaded.model, pattern_file)
-    tokens = wikitext2_test_tokens(loaded.tokenizer)
-    ppl, used = perplexity(loaded.model, tokens, args.eval_seqlen, args.eval_windows, device="cpu", progress=False)
+    save_pattern(model, pattern_file)
+    tokens = wikitext2_test_tokens(tokenizer)
+    ppl, used = perplexity(model, tokens, args.eval_seqlen, args.eval_windows, device="cpu", progress=False)
     return {"label": label, "engine": opts, "prune_s": prune_s, "ppl": ppl, "eval_windows": used,
             "threads": torch.get_num_threads(), "loadavg_1min": [load_before, load_after]}
 
