@@ -7,7 +7,8 @@ or it timed out. Every other verdict (survived, no tests, suspicious, not checke
 the score. A surviving mutant whose change matches a rule in EQUIVALENT (a change that cannot alter
 behaviour on this CPU-only test machine, each with its one-line reason) is reported as equivalent
 and left out of N; the rules match the mutated code, not mutant numbers, so they survive edits.
-In data.py only the calibration sampler is core (the file/hub loaders are tested with data).
+In data.py only the calibration sampler is core (the file/hub loaders are tested with data); in
+promotion.py only the pure policy `decide`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}  # test failure, pytest internal error, timeouts (see mutmut.stats)
-IN_SCOPE = re.compile(r"^wanda_pipeline\.(?!data\.)|^wanda_pipeline\.data\.x_sample_windows__")
+# data.py: only the calibration sampler; promotion.py: only the pure policy (the registry calls
+# around it need a tracking server and are tested with one).
+IN_SCOPE = re.compile(r"^wanda_pipeline\.(?!data\.|tracking\.promotion\.)|^wanda_pipeline\.data\.x_sample_windows__"
+                      r"|^wanda_pipeline\.tracking\.promotion\.x_decide__")
 # Equivalent mutants: (regex on the name, regex on the diff, regex to strip, reason). The diff is
 # the '-' (original) and '+' (mutant) lines joined by " / ". With a strip regex, the mutant is
 # equivalent only if removing its matches makes both lines identical. Rules name code, not mutant
