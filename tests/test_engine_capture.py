@@ -1,0 +1,126 @@
+"""Capture on hand-written toy models: blocks that return tuples, a model loop that reads its
+layers' attributes, per-block arguments interned by value, the refusals, and ``run_tail``
+(the model's head applied to hidden states computed elsewhere)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from wanda_pipeline.engine.capture import TensorStore, capture, run_tail
+from wanda_pipeline.errors import ConfigError
+
+D, V = 8, 16
+CPU = torch.device("cpu")
+
+
+class Block(nn.Module):
+    def __init__(self, kind: str, tuple_out: bool):
+        super().__init__()
+        self.kind, self.tuple_out, self.lin = kind, tuple_out, nn.Linear(D, D)
+
+    def forward(self, h, scale, note=None):
+        out = torch.tanh(self.lin(h)) * scale
+        return (out, None) if self.tuple_out else out
+
+
+class Toy(nn.Module):
+    """Reads ``layer.kind`` in its loop (as models read an attention type) to pick an argument."""
+
+    def __init__(self, tuple_out=True, mix=False, extra=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+        self.layers = nn.ModuleList(Block(k, tuple_out) for k in "aba")
+        self.scales = {"a": torch.tensor([1.0, 0.5] * (D // 2)), "b": torch.tensor([2.0] * D)}
+        self.tuple_out, self.mix, self.extra = tuple_out, mix, extra
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            kwargs = {"note": self.extra} if self.extra is not None else {}
+            out = layer(h, self.scales[layer.kind].clone(), **kwargs)  # equal, not identical, tensors
+            h = out[0] if self.tuple_out else out
+            if self.mix:
+                h = h + 1
+        return SimpleNamespace(logits=self.head(h))
+
+
+def test_tuple_blocks_and_layer_attributes_are_captured(tokens_gen):
+    model = Toy()
+    tokens = tokens_gen(V, 5, 6, seed=1)
+    got = capture(model, model.layers, tokens, 2, CPU, CPU)
+    assert got.output_mode == "tuple"
+    assert [t.shape[0] for t in got.inputs] == [2, 2, 1]
+    for i, t in enumerate(got.inputs):
+        assert torch.equal(t, model.embed(tokens[2 * i : 2 * i + 2]).detach())
+    for index, kind in enumerate("aba"):
+        calls = got.block_calls(index)
+        assert len(calls) == 3 and all(kw == {} for _, kw in calls)
+        assert all(torch.equal(args[0], model.scales[kind]) for args, _ in calls)
+    # one stored tensor per distinct value: two scales, shared by blocks and batches
+    assert got.distinct == 2 == len(got.store)
+    assert got.block_calls(0)[0][0][0] is got.block_calls(2)[1][0][0]
+    assert isinstance(model.layers[0], Block)  # the recorders are gone again
+
+
+def test_tensor_blocks_are_captured_in_tensor_mode(tokens_gen):
+    model = Toy(tuple_out=False)
+    got = capture(model, model.layers, tokens_gen(V, 2, 4), 2, CPU, CPU)
+    assert got.output_mode == "tensor" and len(got.inputs) == 1
+
+
+@pytest.mark.parametrize("tuple_out", [True, False])
+def test_run_tail_applies_what_follows_the_blocks(tuple_out, tokens_gen):
+    model = Toy(tuple_out=tuple_out)
+    tokens = tokens_gen(V, 3, 5, seed=2)
+    got = capture(model, model.layers, tokens, 3, CPU, CPU)
+    h = got.inputs[0]
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            args, kwargs = got.block_calls(i)[0]
+            out = layer(h, *args, **kwargs)
+            h = out[0] if tuple_out else out
+        logits = run_tail(model, model.layers, tokens, h, got.output_mode).logits
+        torch.testing.assert_close(logits, model(tokens).logits)
+        other = run_tail(model, model.layers, tokens, torch.zeros_like(h), got.output_mode).logits
+    torch.testing.assert_close(other, model.head(torch.zeros_like(h)).detach())
+    assert isinstance(model.layers[2], Block)
+
+
+def test_a_model_that_changes_hidden_states_between_blocks_is_refused(tokens_gen):
+    model = Toy(mix=True)
+    with pytest.raises(ConfigError, match="does not pass each decoder block the previous block's output"):
+        capture(model, model.layers, tokens_gen(V, 2, 4), 1, CPU, CPU)
+    assert isinstance(model.layers[0], Block)
+
+
+def test_a_cache_object_among_block_arguments_is_refused(tokens_gen):
+    class Cache:
+        pass
+
+    model = Toy(extra=Cache())
+    with pytest.raises(ConfigError) as err:
+        capture(model, model.layers, tokens_gen(V, 2, 4), 2, CPU, CPU)
+    msg = str(err.value)
+    assert "Toy (?)" in msg and "block 0 arguments of type Cache" in msg and "not supported" in msg
+
+
+def test_plain_and_nested_arguments_are_kept(tokens_gen):
+    extra = {"flags": (True, 3, 0.5, "x", None, torch.float16), "t": [torch.ones(2)]}
+    model = Toy(extra=extra)
+    got = capture(model, model.layers, tokens_gen(V, 2, 4), 2, CPU, CPU)
+    note = got.block_calls(1)[0][1]["note"]
+    assert note["flags"] == extra["flags"] and isinstance(note["t"], list) and torch.equal(note["t"][0], torch.ones(2))
+
+
+def test_tensor_store_interns_by_shape_dtype_and_value():
+    store = TensorStore(CPU)
+    a = store.intern(torch.ones(3))
+    assert store.intern(torch.ones(3)) is a and store.intern(a) is a
+    assert store.intern(torch.ones(3, dtype=torch.float64)) is not a
+    assert store.intern(torch.ones(4)) is not a and store.intern(torch.zeros(3)) is not a
+    assert len(store) == 4
