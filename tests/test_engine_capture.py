@@ -22,29 +22,33 @@ class Block(nn.Module):
         super().__init__()
         self.kind, self.tuple_out, self.lin = kind, tuple_out, nn.Linear(D, D)
 
-    def forward(self, h, scale, note=None):
-        out = torch.tanh(self.lin(h)) * scale
+    def forward(self, hidden_states, scale, note=None):
+        out = torch.tanh(self.lin(hidden_states)) * scale
         return (out, None) if self.tuple_out else out
 
 
 class Toy(nn.Module):
     """Reads ``layer.kind`` in its loop (as models read an attention type) to pick an argument."""
 
-    def __init__(self, tuple_out=True, mix=False, extra=None):
+    def __init__(self, tuple_out=True, mix=(), extra=None, by_keyword=False, skip=()):
         super().__init__()
         torch.manual_seed(0)
         self.embed, self.head = nn.Embedding(V, D), nn.Linear(D, V)
         self.layers = nn.ModuleList(Block(k, tuple_out) for k in "aba")
         self.scales = {"a": torch.tensor([1.0, 0.5] * (D // 2)), "b": torch.tensor([2.0] * D)}
-        self.tuple_out, self.mix, self.extra = tuple_out, mix, extra
+        self.tuple_out, self.mix, self.extra, self.by_keyword, self.skip = tuple_out, mix, extra, by_keyword, skip
+        self.config = SimpleNamespace(model_type="toy")
 
     def forward(self, input_ids, use_cache=False):
         h = self.embed(input_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i in self.skip:
+                continue
             kwargs = {"note": self.extra} if self.extra is not None else {}
-            out = layer(h, self.scales[layer.kind].clone(), **kwargs)  # equal, not identical, tensors
+            scale = self.scales[layer.kind].clone()  # equal, not identical, tensors
+            out = layer(hidden_states=h, scale=scale, **kwargs) if self.by_keyword else layer(h, scale, **kwargs)
             h = out[0] if self.tuple_out else out
-            if self.mix:
+            if i in self.mix:
                 h = h + 1
         return SimpleNamespace(logits=self.head(h))
 
@@ -91,9 +95,19 @@ def test_run_tail_applies_what_follows_the_blocks(tuple_out, tokens_gen):
     assert isinstance(model.layers[2], Block)
 
 
-def test_a_model_that_changes_hidden_states_between_blocks_is_refused(tokens_gen):
-    model = Toy(mix=True)
-    with pytest.raises(ConfigError, match="does not pass each decoder block the previous block's output"):
+def test_hidden_states_passed_by_keyword_are_captured(tokens_gen):
+    model = Toy(by_keyword=True)
+    tokens = tokens_gen(V, 2, 4)
+    got = capture(model, model.layers, tokens, 2, CPU, CPU)
+    assert torch.equal(got.inputs[0], model.embed(tokens).detach())
+    assert got.block_calls(1)[0][0] == () and torch.equal(got.block_calls(1)[0][1]["scale"], model.scales["b"])
+
+
+@pytest.mark.parametrize("toy", [dict(mix={0, 1}), dict(mix={0}), dict(mix={1}), dict(skip={1})])
+def test_a_model_that_changes_or_skips_hidden_states_between_blocks_is_refused(toy, tokens_gen):
+    model = Toy(**toy)
+    with pytest.raises(ConfigError, match=r"Toy \(toy\): its forward does not pass each decoder block the previous "
+                                          r"block's output unchanged \(it transforms or mixes hidden states"):
         capture(model, model.layers, tokens_gen(V, 2, 4), 1, CPU, CPU)
     assert isinstance(model.layers[0], Block)
 
@@ -103,6 +117,7 @@ def test_a_cache_object_among_block_arguments_is_refused(tokens_gen):
         pass
 
     model = Toy(extra=Cache())
+    del model.config  # no config: the model type is unknown
     with pytest.raises(ConfigError) as err:
         capture(model, model.layers, tokens_gen(V, 2, 4), 2, CPU, CPU)
     msg = str(err.value)
