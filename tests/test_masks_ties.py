@@ -105,6 +105,7 @@ def test_nm_above_the_network_limit_matches_the_topk_loop(n, m):
         assert mask.dtype == torch.bool and torch.equal(mask, topk_loop(metric, n, m))
 
 
+@pytest.mark.filterwarnings("error")  # each chunk writes its own rows: no resized `out=` (deprecated in torch)
 def test_nm_in_many_row_chunks_matches_the_topk_loop(monkeypatch):
     """Rows beyond the first chunk must be written too (the chunks of the CPU path)."""
     monkeypatch.setattr(sparsity, "_CHUNK_ELEMS", 48)  # 48 // 16 columns = 3 rows a chunk

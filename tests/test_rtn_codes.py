@@ -61,11 +61,12 @@ def test_recover_codes_reproduces_every_representable_weight(scale, zero):
     assert torch.equal(got.codes[unique], codes[unique])
 
 
-def test_recover_codes_keeps_the_first_code_that_fits():
+@pytest.mark.parametrize("zero", [0, None, 5])
+def test_recover_codes_keeps_the_first_code_that_fits(zero):
     """Collisions (two codes, one value) resolve to the rounded guess, not to a neighbour."""
-    codes, s, z, w = grid(1.5, 0)
+    codes, s, z, w = grid(1.5, zero)
     got = recover_codes(w, s, z, 256, 8)
-    guess = torch.round(w.float() / 1.5).clamp(-128, 127).to(torch.int8)
+    guess = torch.round(w.float() / 1.5 + (zero or 0)).clamp(-128, 127).to(torch.int8)
     fits = dequant_by_hand(guess, s, z, 256) == w
     assert bool(fits.any()) and torch.equal(got.codes[fits], guess[fits])
 
