@@ -35,10 +35,10 @@ def per_sample_bytes(model: nn.Module, seqlen: int) -> int:
     return elem * seqlen * (8 * hidden + 3 * inter + 2 * heads * seqlen)
 
 
-def auto_batch_size(model: nn.Module, tokens: torch.Tensor | None, device: torch.device, whole: bool = False) -> int:
+def auto_batch_size(model: nn.Module, tokens: torch.Tensor | None, device: torch.device) -> int:
     """The largest batch whose block forward fits in ``MEMORY_SHARE`` of free memory, capped.
-    ``whole`` (passes=1): the block forward takes all sequences anyway, so batches only
-    shape the capture; use the same rule."""
+    With passes=1 the block forward takes all sequences anyway, so batches only shape the
+    capture; the same rule applies."""
     if tokens is None:
         return 1
     n, seqlen = tokens.shape[0], tokens.shape[1]

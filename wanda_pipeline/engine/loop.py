@@ -116,7 +116,7 @@ class LayerEngine:
         input_device = source.prepare_outer()
         batch = self.batch_size
         if batch == "auto":
-            batch = auto_batch_size(model, tokens, self.device, whole=self.passes == 1)
+            batch = auto_batch_size(model, tokens, self.device)
         return capture(model, source.blocks, tokens, int(batch), self.store_device, input_device)
 
     def run(self, model: nn.Module, tokens: torch.Tensor | None, visitor: BlockVisitor,
