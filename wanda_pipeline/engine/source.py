@@ -211,9 +211,6 @@ class _Own(nn.Module):
     def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         return self._target.named_buffers(recurse=False)
 
-    def get_submodule(self, target: str) -> nn.Module:
-        return self._target if not target else self._target.get_submodule(target)
-
 
 def iter_blocks(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
     """Each decoder block with real weights: as-is in memory, or streamed from its folder
