@@ -22,58 +22,13 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from mutation_equivalents import EQUIVALENT  # bench/ is the script's folder, first on sys.path
+
 KILLED = {1, 3, 24, -24, 36, 152, 255}  # test failure, pytest internal error, timeouts (see mutmut.stats)
 # data.py: only the calibration sampler; promotion.py: only the pure policy (the registry calls
 # around it need a tracking server and are tested with one).
 IN_SCOPE = re.compile(r"^wanda_pipeline\.(?!data\.|tracking\.promotion\.)|^wanda_pipeline\.data\.x_sample_windows__"
                       r"|^wanda_pipeline\.tracking\.promotion\.x_decide__")
-# Equivalent mutants: (regex on the name, regex on the diff, regex to strip, reason). The diff is
-# the '-' (original) and '+' (mutant) lines joined by " / ". With a strip regex, the mutant is
-# equivalent only if removing its matches makes both lines identical. Rules name code, not mutant
-# numbers, so they survive renumbering; only survivors (exit 0) are classified.
-CPU = "a no-op on this CPU-only machine"
-EQUIVALENT: list[tuple[str, str, str | None, str]] = [
-    (r"", r"tqdm\(", r",? ?(desc|leave|disable|unit)=[^,)]*", "progress bar only (tqdm description/leave/disable)"),
-    (r"", r"reshape\(", r"reshape\((1, )?-1\)", "a 1-D vector broadcasts like the (1, n) row it was"),
-    (r"x_sparsegpt_prune__", r"topk\(score", r",? ?dim=1", "2-D score: topk's default dim -1 is dim 1"),
-    (r"x_sparsegpt_prune__", r"weight\.copy_\(W\.to\(", r"W\.to\((weight\.dtype|None)\)",
-     "copy_ casts to the weight's dtype anyway"),
-    (r"", r"progress: bool=", r"progress: bool=(True|False)", "progress bar default only"),
-    (r"x_perplexity__", r"batch_size: int=", r"batch_size: int=\d",
-     "default batch size; perplexity is batch-size invariant (tested for 1, 2, 3)"),
-    (r"x_perplexity__", r"^- nll = torch\.zeros", r",? ?dtype=[\w.]+",
-     "float32 instead of float64 accumulator: precision only, far below the tests' 1e-6 at these sizes"),
-    (r"perplexity\.", r"model_device|\.to\((device|None)\)|c\.device\)|c\.batch_size(, None)?\)", None,
-     f"device placement, {CPU}"),
-    (r"", r"device=", r",? ?device=[\w.]+", f"device argument, {CPU}"),
-    (r"x_make_accumulators__", r"in_features, ", r", (device|None)\)", f"device argument, {CPU}"),
-    (r"", r"dtype=", r",? ?dtype=(torch\.float32|h\.dtype|None)", "dtype: float32 is the default and H's dtype"),
-    (r"inverse_hessian_cholesky__", r"h\.shape", r"h\.shape\[[01]\]", "H is square"),
-    (r"", r"stable=", r",? ?stable=(True|False|None)", "torch.sort on CPU is stable whatever `stable` says"),
-    (r"", r"(sort|topk)\(", r",? ?dim=-1", "torch.sort/topk default to dim=-1"),
-    (r"x_(per_row|variant)_mask__", r"dim=", r"dim=[-+]1", "2-D metric: dim=+1 is dim=-1"),
-    (r"x_nm_mask__", r"zeros_like", r",? ?dtype=(torch\.bool|None)", "a 0/1 float mask copied into a bool mask"),
-    (r"x_sparsegpt_prune__", r"\+ .*i - nm\[1\] <= count", None,
-     "unreachable through the pruner: blocksize % M == 0 keeps i + M <= count"),
-    (r"x_quantize_rtn__", r"\+ deq = torch\.clamp\(torch\.round\(g / scale\), "
-     r"(None, qmax|-qmax - 1, None|-qmax - 1|-qmax - 2, qmax)\) \* scale$", None,
-     "symmetric clamp cannot bind: the scale maps the group's max |w| to qmax"),
-    (r"x_quantize_rtn__", r"\+ deq = \(torch\.clamp\(torch\.round\(g / scale\) \+ zero, None, qmax\) - zero\)", None,
-     "asymmetric lower bound cannot bind: round(x) + round(-x) = 0 under round-half-even"),
-    (r"x_quantize_rtn__", r"\+ g = w\.reshape\(-1, group_size\)$", None, "the same groups, flattened over rows"),
-    (r"x_check_nm__", r"\+ if m (< 0|<= 1) or n <= 0 or n >= m:$", None, "n >= m already rejects m <= 1 when n >= 1"),
-    (r"x_nm_mask__", r"\+ if full == 1:$", None, "full is a multiple of m >= 2, never 1"),
-    (r"x_variant_mask__", r"\+ while abs\(achieved - sparsity\) >=? tol and hi - lo >=? tol:$", None,
-     "exact float equality with tol does not occur (hi - lo = 0.8 / 2^k)"),
-    (r"x_variant_mask__", r"\+ if achieved >= sparsity:$", None, "equality already ended the loop"),
-    (r"ColumnSqNorm\w*_add__", r"\+ self\.value \+= torch\.norm\(x, (p=None, )?dim=1\) \*\* 2 / self\.nsamples$", None,
-     "the default norm is the 2-norm"),
-    (r"x_owl_ratios__", r"\+ scaled = \(lod \+ lod\.min\(\)\) / span", None,
-     "centering (scaled - mean) removes a shift"),
-    (r"OutlierScan\w*visit__", r"^- return False / \+ return True$", None,
-     "re-forwarding unchanged weights gives the same outputs (time only)"),
-    (r"x_sample_windows__", r"\+ return torch\.cat\(windows\)$", None, "torch.cat's default dim is 0"),
-]
 
 
 def load(mutants: Path) -> dict[str, int | None]:
