@@ -130,7 +130,7 @@ def tokens_gen():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     """A tiny random LLaMA with the real SmolLM2 tokenizer, saved as a local model folder."""
-    from wanda_pipeline.models import tiny_model
+    from wanda_pipeline.tiny_models import tiny_model
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama", seed=0, layers=2, vocab_size=len(smollm2_tokenizer)).save_pretrained(out)

@@ -34,7 +34,7 @@ def test_failed_overwrite_keeps_the_old_folder_and_success_replaces_it(tmp_path)
 
 
 def test_save_model_refuses_to_merge_into_a_non_empty_folder(tmp_path):
-    from wanda_pipeline.models import tiny_model
+    from wanda_pipeline.tiny_models import tiny_model
 
     out = tmp_path / "keep"
     out.mkdir()

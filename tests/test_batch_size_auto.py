@@ -46,7 +46,7 @@ def test_per_sample_bytes_without_a_config_assumes_a_7b_llama():
 
 
 def test_per_sample_bytes_of_real_configs():
-    from wanda_pipeline.models import tiny_model
+    from wanda_pipeline.tiny_models import tiny_model
 
     assert per_sample_bytes(tiny_model("llama"), 8) == estimate(8, 32, 64, 4)
     assert per_sample_bytes(tiny_model("opt"), 8) == estimate(8, 32, 64, 4)

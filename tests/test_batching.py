@@ -11,9 +11,10 @@ from wanda_pipeline.config import EngineSpec
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.engine.batching import auto_batch_size, per_sample_bytes
 from wanda_pipeline.engine.onepass import join_calls
-from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view, tiny_model
+from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import prune_model
+from wanda_pipeline.tiny_models import tiny_model
 
 N, SEQLEN = 4, 16
 

@@ -12,7 +12,6 @@ from wanda_pipeline.config import GateSpec
 from wanda_pipeline.errors import ConfigError, DataError
 from wanda_pipeline.evaluators.perplexity import PerplexityConfig, PerplexityEvaluator, eval_tokens
 from wanda_pipeline.evaluators.sparsity_report import SparsityConfig, SparsityEvaluator, summarize
-from wanda_pipeline.models import tiny_model
 from wanda_pipeline.pruners.magnitude import MagnitudePruner
 from wanda_pipeline.pruners.sparsegpt import SparseGPTConfig, SparseGPTPruner, sparsegpt_prune
 from wanda_pipeline.sparsity import (
@@ -25,6 +24,7 @@ from wanda_pipeline.sparsity import (
     wanda_metric,
     zero_fraction,
 )
+from wanda_pipeline.tiny_models import tiny_model
 from wanda_pipeline.tracking.gates import GateResult, evaluate_gates
 
 

@@ -11,12 +11,13 @@ from wanda_pipeline.allocation import AllocationConfig
 from wanda_pipeline.config import EngineSpec
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.evaluators.sparsity_report import SparsityEvaluator, sparsity_table, summarize
-from wanda_pipeline.models import find_blocks, find_linears, tiny_model
+from wanda_pipeline.models import find_blocks, find_linears
 from wanda_pipeline.pruners.magnitude import MagnitudeConfig, MagnitudePruner
 from wanda_pipeline.pruners.sparsegpt import SparseGPTConfig, SparseGPTPruner
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import prune_model
 from wanda_pipeline.quantizers.rtn import RTNConfig, RTNQuantizer
+from wanda_pipeline.tiny_models import tiny_model
 
 
 def lowest_k_per_row(score: list[list[float]], k: int) -> torch.Tensor:

@@ -79,7 +79,7 @@ def test_seqlen_default_never_silently_becomes_model_max():
 
 
 def test_self_source_is_seeded(smollm2_tokenizer):
-    from wanda_pipeline.models import tiny_model
+    from wanda_pipeline.tiny_models import tiny_model
 
     model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
     a = self_generated_windows(model, smollm2_tokenizer, 2, 12, seed=5)

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from wanda_pipeline.engine import LayerEngine
-from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view, tiny_model
+from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import prune_model
+from wanda_pipeline.tiny_models import tiny_model
 
 FAMILIES = ["llama", "qwen2", "opt", "gpt2"]
 

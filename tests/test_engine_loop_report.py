@@ -12,7 +12,8 @@ import torch
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.engine.loop import EngineReport
 from wanda_pipeline.engine.source import ModelSource
-from wanda_pipeline.models import find_blocks, tiny_model
+from wanda_pipeline.models import find_blocks
+from wanda_pipeline.tiny_models import tiny_model
 
 
 def test_block_metrics_rows_count_from_the_resumed_block_and_carry_peaks():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from wanda_pipeline.engine import LayerEngine
-from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view, tiny_model
+from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
+from wanda_pipeline.tiny_models import tiny_model
 
 LAYERS, START = 4, 2
 

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from wanda_pipeline.engine import ShardSource
 from wanda_pipeline.engine.skeleton import build_skeleton
 from wanda_pipeline.evaluators.perplexity import PerplexityConfig, PerplexityEvaluator, perplexity, streamed_perplexity
-from wanda_pipeline.models import tiny_model
+from wanda_pipeline.tiny_models import tiny_model
 
 VOCAB = 64
 

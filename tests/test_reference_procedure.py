@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from wanda_pipeline.engine import LayerEngine
-from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view, tiny_model
+from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import prune_model
+from wanda_pipeline.tiny_models import tiny_model
 
 _spec = importlib.util.spec_from_file_location(
     "reference_procedure", Path(__file__).resolve().parents[1] / "bench" / "reference_procedure.py"

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.errors import ConfigError
-from wanda_pipeline.models import tiny_model
 from wanda_pipeline.pruners.sparsegpt import SparseGPTConfig, SparseGPTPruner
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import prune_model
+from wanda_pipeline.tiny_models import tiny_model
 
 BLOCKS = 4
 # Runs the real CLI, but SIGKILLs itself at a chosen point: after block K's checkpoint is

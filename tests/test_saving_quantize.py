@@ -7,7 +7,7 @@ from wanda_pipeline import stages
 from wanda_pipeline.config import EngineSpec
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.errors import RunError
-from wanda_pipeline.models import find_blocks, find_linears, tiny_model
+from wanda_pipeline.models import find_blocks, find_linears
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import prune_model
 from wanda_pipeline.quantizers.rtn import RTNConfig, RTNQuantizer, quantize_rtn
@@ -20,6 +20,7 @@ from wanda_pipeline.saving import (
     save_sparse,
     unpack_sparse,
 )
+from wanda_pipeline.tiny_models import tiny_model
 
 
 def pruned_tiny(smollm2_tokenizer, tokens_gen, seed=0):

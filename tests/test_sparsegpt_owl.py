@@ -6,11 +6,11 @@ import torch
 from wanda_pipeline.allocation import AllocationConfig, outlier_ratio, owl_ratios
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.evaluators.sparsity_report import sparsity_table
-from wanda_pipeline.models import tiny_model
 from wanda_pipeline.pruners.sparsegpt import SparseGPTConfig, SparseGPTPruner, sparsegpt_prune
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import prune_model
 from wanda_pipeline.sparsity import apply_mask, respects_nm
+from wanda_pipeline.tiny_models import tiny_model
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -96,7 +96,7 @@ def test_a_failed_download_is_a_data_error_naming_the_model(monkeypatch):
 
 
 def test_the_skeleton_has_meta_parameters_in_the_asked_dtype_and_no_cache(tmp_path):
-    from wanda_pipeline.models import tiny_model
+    from wanda_pipeline.tiny_models import tiny_model
 
     tiny_model("llama", layers=2).config.save_pretrained(tmp_path)
     model = build_skeleton(tmp_path, torch.bfloat16)
@@ -123,7 +123,7 @@ class ToyForCausalLM(LlamaForCausalLM):
 def test_custom_code_loads_only_when_trusted(tmp_path):
     import json
 
-    from wanda_pipeline.models import tiny_model
+    from wanda_pipeline.tiny_models import tiny_model
 
     cfg = tiny_model("llama", layers=1).config.to_dict()
     cfg.update(model_type="toy-remote", auto_map={"AutoConfig": "configuration_toy.ToyConfig",

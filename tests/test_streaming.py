@@ -13,9 +13,10 @@ from wanda_pipeline.cli import main
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.errors import ConfigError
 from wanda_pipeline.evaluators.perplexity import perplexity, streamed_perplexity
-from wanda_pipeline.models import find_blocks, load_model, tiny_model
+from wanda_pipeline.models import find_blocks, load_model
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import finish_streaming, prune_model, streaming_io
+from wanda_pipeline.tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -158,8 +158,8 @@ class PrunerConformance:
     def test_prunes_a_tiny_model_in_the_engine(self):
         from wanda_pipeline.engine import LayerEngine
         from wanda_pipeline.evaluators.sparsity_report import sparsity_table, summarize
-        from wanda_pipeline.models import tiny_model
         from wanda_pipeline.pruning import prune_model
+        from wanda_pipeline.tiny_models import tiny_model
 
         model = tiny_model("llama", seed=0, layers=2)
         tokens = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
