@@ -16,11 +16,12 @@ import sys
 import traceback
 
 from wanda_pipeline.cli_prune import add_prune_parser
+from wanda_pipeline.cli_serving import add_serving_parsers
 from wanda_pipeline.console import print_summary, print_table
 from wanda_pipeline.errors import EXIT_INTERNAL, Interrupted, WandaPipelineError, note_signal, signal_received
 
 
-def _load_file(args, with_plugins: bool = True):
+def load_pipelines_file(args, with_plugins: bool = True):
     from wanda_pipeline.pipelines_file import load_file
     from wanda_pipeline.plugins import discover
 
@@ -32,7 +33,7 @@ def cmd_validate(args) -> int:
     from wanda_pipeline.plugins import discover
     from wanda_pipeline.preflight import preflight, static_problems
 
-    doc = _load_file(args)
+    doc = load_pipelines_file(args)
     registry = discover()
     for name, spec in doc.pipelines.items():
         problems, notes = static_problems(spec, registry)
@@ -53,7 +54,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_list(args) -> int:
-    doc = _load_file(args)
+    doc = load_pipelines_file(args)
     from wanda_pipeline.plugins import discover
 
     registry = discover()
@@ -100,7 +101,7 @@ def cmd_run(args) -> int:
 
     # The whole file must parse; plugins are checked for this pipeline only (in preflight), so one
     # broken plugin elsewhere in the file does not stop the others.
-    spec = pipeline_spec(_load_file(args, with_plugins=False), args.name, args.set or [])
+    spec = pipeline_spec(load_pipelines_file(args, with_plugins=False), args.name, args.set or [])
     _checked_spec(spec)
     from wanda_pipeline.orchestration.compress import compress
 
@@ -116,7 +117,7 @@ def cmd_sweep(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: needs at least 1")
 
-    points = sweep_points(_load_file(args, with_plugins=False), args.name)
+    points = sweep_points(load_pipelines_file(args, with_plugins=False), args.name)
     saves = [PipelineSpec(**p["spec"]).save for p in points]
     paths = [s.path for s in saves if s is not None]
     if len(paths) != len(set(paths)):
@@ -135,46 +136,13 @@ def cmd_sweep(args) -> int:
     from wanda_pipeline.orchestration.pool_sweep import run_sweep_on_pool
     from wanda_pipeline.scaleout import parse_devices
 
-    table = run_sweep_on_pool(_load_file(args, with_plugins=False), args.name, args.workers or 0, args.pool,
+    table = run_sweep_on_pool(load_pipelines_file(args, with_plugins=False), args.name, args.workers or 0, args.pool,
                               parse_devices(args.devices))
     print_table(table, f"sweep {args.name}")
     failed = [r["pipeline"] for r in table if r["status"] != "ok"]
     if failed:
         print(f"error: {len(failed)} of {len(table)} point(s) did not finish: {', '.join(failed)}", file=sys.stderr)
         return RunError.exit_code
-    return 0
-
-
-def cmd_serve(args) -> int:
-    from wanda_pipeline.orchestration.serve import serve_scheduled
-
-    doc = _load_file(args)
-    try:
-        serve_scheduled(doc, names=args.names or None)
-    except OSError as exc:  # e.g. the runner's port is held by another program
-        from wanda_pipeline.errors import OutputError
-
-        raise OutputError(f"serve could not start: {exc}. If a port is in use, stop the program holding it or "
-                          f"set PREFECT_RUNNER_SERVER_PORT to a free one") from exc
-    return 0
-
-
-def cmd_deploy(args) -> int:
-    from wanda_pipeline.orchestration.serve import deploy_scheduled
-
-    doc = _load_file(args)
-    for name, dep_id in deploy_scheduled(doc, names=args.names or None, pool=args.pool).items():
-        print(f"deployment compress/{name} ({dep_id}) on work pool {args.pool!r}")
-    print(f"start workers with: prefect worker start --pool {args.pool} --type process")
-    return 0
-
-
-def cmd_promote(args) -> int:
-    from wanda_pipeline.tracking import MLflowTracker, ModelRegistry
-
-    ModelRegistry(MLflowTracker(args.tracking_uri)).set_alias(args.name, args.version, args.alias,
-                                                              reason=args.reason, manual=True)
-    print(f"model {args.name} version {args.version} now has alias @{args.alias} (manual override recorded)")
     return 0
 
 
@@ -212,22 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plugins)
 
-    sv = with_file(sub.add_parser("serve", help="serve scheduled pipelines as Prefect deployments"))
-    sv.add_argument("names", nargs="*")
-    sv.set_defaults(func=cmd_serve)
-
-    dp = with_file(sub.add_parser("deploy", help="register scheduled pipelines as deployments on a work pool"))
-    dp.add_argument("names", nargs="*")
-    dp.add_argument("--pool", default="wanda-pipeline", help="process work pool (created if missing)")
-    dp.set_defaults(func=cmd_deploy)
-
-    pm = sub.add_parser("promote", help="give a registered model version an alias by hand")
-    pm.add_argument("name")
-    pm.add_argument("version")
-    pm.add_argument("--alias", default="champion")
-    pm.add_argument("--reason", default="manual promotion")
-    pm.add_argument("--tracking-uri", dest="tracking_uri")
-    pm.set_defaults(func=cmd_promote)
+    add_serving_parsers(sub, with_file)
     return p
 
 
