@@ -144,4 +144,15 @@ EQUIVALENT += [
     (r"engine\.source\.xǁ_Ownǁnamed_(parameters|buffers)__", r"def f\(|recurse=None|remove_duplicate=None|"
      r"named_parameters\(recurse=False\)$", None,
      "_Own ignores prefix/recurse; its only caller passes remove_duplicate=False; None is falsy"),
+    # engine: the last survivors of the second pass
+    (r"engine\.capture\.x__record_batch__", r"^- out = None / \+ out = ''$", None, "when _Stop ends the call, the output is discarded (capture ignores it; run_tail never stops)"),
+    (r"engine\.capture\.xǁ_Recorderǁ__getattr__", r"__getattr__\(None\)", None, "only the recorder's one submodule, `inner`, resolves there, and nothing reads recorder.inner; other names fall back to the wrapped block either way"),
+    (r"engine\.loop\.x__to__", r"id\(None\) not in memo", None, "the memo only saves repeated copies of one interned tensor; a miss copies it again"),
+    (r"engine\.loop\.", r"_to\([^()]*, None, memo\)", None, f"device placement, {CPU}"),
+    (r"engine\.loop\.xǁLayerEngineǁcapture__", r"int\(batch\), (None, input_device|self\.store_device, None)\)", None, f"device placement, {CPU}"),
+    (r"engine\.loop\.xǁLayerEngineǁforward__", r"zip\(inputs, calls", r",? ?strict=(True|False|None)", "one recorded call per calibration batch by construction"),
+    (r"engine\.loop\.xǁLayerEngineǁ__init__", r"\+ self\.progress = None$", None, "progress bar only (None disables it)"),
+    (r"engine\.loop\.xǁLayerEngineǁ__init__", r"\+ self\._samples: int \| None = ''$", None, "set before every block call, before any statistics hook reads it"),
+    (r"engine\.loop\.xǁLayerEngineǁ_run__", r"getattr\(visitor, 'one_pass', None\)", None, "None is falsy like False"),
+    (r"x_recover_codes__", r"else 1\.0$", None, "symmetric codes: bf16 rounding moves w/s by at most 128 * 2^-9 = 0.25 code, so a guess one too high is always repaired by the -1 neighbour, and any code kept dequantises bitwise to the weight"),
 ]

@@ -30,13 +30,14 @@ class Block(nn.Module):
 class Toy(nn.Module):
     """Reads ``layer.kind`` in its loop (as models read an attention type) to pick an argument."""
 
-    def __init__(self, tuple_out=True, mix=(), extra=None, by_keyword=False, skip=()):
+    def __init__(self, tuple_out=True, mix=(), extra=None, by_keyword=False, skip=(), positional=False):
         super().__init__()
         torch.manual_seed(0)
         self.embed, self.head = nn.Embedding(V, D), nn.Linear(D, V)
         self.layers = nn.ModuleList(Block(k, tuple_out) for k in "aba")
         self.scales = {"a": torch.tensor([1.0, 0.5] * (D // 2)), "b": torch.tensor([2.0] * D)}
         self.tuple_out, self.mix, self.extra, self.by_keyword, self.skip = tuple_out, mix, extra, by_keyword, skip
+        self.positional = positional  # pass ``extra`` as a positional argument instead of ``note=``
         self.config = SimpleNamespace(model_type="toy")
 
     def forward(self, input_ids, use_cache=False):
@@ -44,9 +45,12 @@ class Toy(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in self.skip:
                 continue
-            kwargs = {"note": self.extra} if self.extra is not None else {}
+            kwargs = {"note": self.extra} if self.extra is not None and not self.positional else {}
             scale = self.scales[layer.kind].clone()  # equal, not identical, tensors
-            out = layer(hidden_states=h, scale=scale, **kwargs) if self.by_keyword else layer(h, scale, **kwargs)
+            if self.positional:
+                out = layer(h, scale, self.extra)
+            else:
+                out = layer(hidden_states=h, scale=scale, **kwargs) if self.by_keyword else layer(h, scale, **kwargs)
             h = out[0] if self.tuple_out else out
             if i in self.mix:
                 h = h + 1
@@ -107,16 +111,19 @@ def test_hidden_states_passed_by_keyword_are_captured(tokens_gen):
 def test_a_model_that_changes_or_skips_hidden_states_between_blocks_is_refused(toy, tokens_gen):
     model = Toy(**toy)
     with pytest.raises(ConfigError, match=r"Toy \(toy\): its forward does not pass each decoder block the previous "
-                                          r"block's output unchanged \(it transforms or mixes hidden states"):
+                                          r"block's output unchanged \(it transforms or mixes hidden states") as err:
         capture(model, model.layers, tokens_gen(V, 2, 4), 1, CPU, CPU)
+    assert str(err.value).endswith("so the layer engine cannot run it block by block; this architecture is not "
+                                   "supported by the layer engine")
     assert isinstance(model.layers[0], Block)
 
 
-def test_a_cache_object_among_block_arguments_is_refused(tokens_gen):
+@pytest.mark.parametrize("positional", [False, True], ids=["keyword", "positional"])
+def test_a_cache_object_among_block_arguments_is_refused(tokens_gen, positional):
     class Cache:
         pass
 
-    model = Toy(extra=Cache())
+    model = Toy(extra=Cache(), positional=positional)
     del model.config  # no config: the model type is unknown
     with pytest.raises(ConfigError) as err:
         capture(model, model.layers, tokens_gen(V, 2, 4), 2, CPU, CPU)

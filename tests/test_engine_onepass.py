@@ -61,6 +61,13 @@ def test_arguments_that_cannot_be_joined_are_refused_where_they_are(first, secon
     assert message in str(err.value) and str(err.value).endswith("use passes: 2")
 
 
+def test_differing_plain_values_are_quoted_three_at_most():
+    calls = [((v,), {}) for v in (1, 2, 3, 4, 5)]
+    with pytest.raises(ConfigError) as err:
+        join_calls([_h(1)] * 5, calls)
+    assert "differs between batches ([1, 2, 3]); use passes: 2" in str(err.value)
+
+
 @pytest.mark.parametrize("first, second, message", [
     ({"mask": torch.ones(2, 4)}, {"mask": torch.ones(3, 4)}, "block argument kwargs.mask has shapes"),
     ({"a": 1}, {"b": 1}, "block argument kwargs differs in keys between batches; use passes: 2"),

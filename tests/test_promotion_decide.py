@@ -23,4 +23,5 @@ def test_reason_lists_each_failed_gate_once_in_order():
 def test_a_registry_error_is_a_plain_false():
     d = decide([GateResult("min_sparsity", True, "ok")], registry_error="timeout")
     assert d.promote is False and d.reason.endswith("timeout")
-    assert decide([GateResult("min_sparsity", True, "ok")]).promote is True
+    passed = decide([GateResult("min_sparsity", True, "ok")])
+    assert passed.promote is True and passed.reason == "passed all gates"  # the reason tagged on the version

@@ -22,7 +22,8 @@ def test_a_local_folder_needs_safetensors_weights(tmp_path):
         safetensors_folder(str(tmp_path))
     msg = str(err.value)
     assert str(tmp_path) in msg and "has no safetensors weights" in msg
-    assert "--stream" in msg and "convert the model to safetensors" in msg
+    assert "--stream" in msg and msg.endswith("streaming needs them: drop --stream / engine.stream, or convert the "
+                                              "model to safetensors first")
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "model.safetensors.index.json"])
