@@ -64,17 +64,9 @@ def test_engine_statistics_match_full_forward(family, tokens_gen):
         torch.testing.assert_close(rec.stats[b][name], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_pruned_propagation_matches_pruned_model(family, tokens_gen):
-    """After pruning, each block's inputs come from the pruned blocks before it."""
-    model = tiny_model(family, seed=1, layers=3)
-    tokens = tokens_gen(model.config.vocab_size, 4, 16, seed=1)
-    prune_model(model, tokens, WandaPruner(WandaConfig(sparsity=0.5)), LayerEngine(progress=False))
-    rec = Recorder()
-    LayerEngine(progress=False).run(model, tokens, rec)
-    ref = reference_stats(model, tokens)
-    for (b, name), expected in ref.items():
-        torch.testing.assert_close(rec.stats[b][name], expected, rtol=1e-5, atol=1e-6)
+# What the next block sees after pruning (the pruned outputs, not the dense ones) is checked in
+# tests/test_engine_architectures.py::test_each_block_sees_the_pruned_blocks_before_it against an
+# independent forward through a masked copy; a check on an already-pruned model cannot see it.
 
 
 def test_batch_size_and_offload_do_not_change_statistics(tokens_gen):
