@@ -82,7 +82,8 @@ class Descendants:
         while not self._stop.is_set():
             try:
                 for p in psutil.Process(self.root).children(recursive=True):
-                    self.seen.setdefault(p.pid, (p.create_time(), " ".join(p.cmdline()[:6]), p.ppid()))
+                    # keep the newest command line: a child sampled between fork and exec still shows its parent's
+                    self.seen[p.pid] = (p.create_time(), " ".join(p.cmdline()[:6]), p.ppid())
             except psutil.Error:
                 pass
             time.sleep(0.3)
@@ -152,7 +153,8 @@ def test_sweep_points_run_in_parallel_on_a_work_pool(tmp_path, tiny_dir, prefect
     assert re.search(r"missing .*failed.*does not", out.replace("\n", " ")), out
     assert "1 of 4 point(s) did not finish: missing" in err
     # two workers started by the sweep itself (a worker's fork can briefly show the same command line)
-    assert len([pid for pid, (_, cmd, ppid) in tree.seen.items() if "worker start" in cmd and ppid == proc.pid]) == 2
+    workers = [pid for pid, (_, cmd, ppid) in tree.seen.items() if "worker start" in cmd and ppid == proc.pid]
+    assert len(workers) == 2, tree.seen
     assert tree.still_alive() == []
 
     parents, children = child_runs(uri)
