@@ -57,9 +57,9 @@ EQUIVALENT: list[tuple[str, str, str | None, str]] = [
 # Found after the engine rewrite (issue 16's second pass); the reasons were checked by reading the code.
 EQUIVALENT += [
     # engine: device placement and console output
-    (r"engine\.(capture|loop)\.", r"\.to\(None\)|TensorStore\(None\)|self\.device = None|load\(index, None\)"
+    (r"engine\.(capture|loop|resume)\.", r"\.to\(None\)|TensorStore\(None\)|self\.device = None|load\(index, None\)"
      r"|make_accumulators\(.*, None\)|OnePass\(.*needed, None,", None, f"device placement, {CPU}"),
-    (r"engine\.loop\.x__restore_weights__", r"copy_\(", r"\.to\([^)]*\)", "copy_ casts to the weight's dtype and device anyway"),
+    (r"engine\.resume\.x__restore_weights__", r"copy_\(", r"\.to\([^)]*\)", "copy_ casts to the weight's dtype and device anyway"),
     (r"engine\.loop\.xǁLayerEngineǁ_run__", r"print\(", r",? ?flush=(True|False|None)", "console output only: the same text"),
     (r"engine\.loop\.xǁLayerEngineǁ_run__", r"^- inputs: list\[torch\.Tensor\] = \[\] / \+ inputs: list\[torch\.Tensor\] = None$",
      None, "reassigned before it is read"),

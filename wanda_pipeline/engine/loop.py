@@ -22,6 +22,7 @@ from wanda_pipeline.engine.batching import auto_batch_size
 from wanda_pipeline.engine.capture import Captured, capture
 from wanda_pipeline.engine.checkpoint import Checkpoint
 from wanda_pipeline.engine.onepass import OnePass, join_calls
+from wanda_pipeline.engine.resume import block_state, restore_finished
 from wanda_pipeline.engine.sink import BlockSink, ModelSink
 from wanda_pipeline.engine.source import BlockSource, ModelSource
 from wanda_pipeline.models import find_linears, linear_weight_view
@@ -141,7 +142,7 @@ class LayerEngine:
         report.resumed_at = start
         if start:
             print(f"resuming at block {start} of {len(source.blocks)}", flush=True)
-            self._restore(source, sink, visitor, checkpoint, start)
+            restore_finished(source, sink, visitor, checkpoint, start, self.device, self.include, self.exclude)
         if start >= len(source.blocks):
             return report
 
@@ -171,7 +172,7 @@ class LayerEngine:
                         outputs = self.forward(block, inputs, calls)
                     del stats
             if checkpoint is not None:
-                checkpoint.save(index, self._state(visitor, index, linears), outputs)
+                checkpoint.save(index, block_state(visitor, index, linears), outputs)
             sink.put(index, block)
             inputs = outputs
             report.seconds_per_block.append(time.perf_counter() - t0)
@@ -219,27 +220,6 @@ class LayerEngine:
                 outs.append(out.detach().to(self.store_device))
         return outs
 
-    def _restore(self, source: BlockSource, sink: BlockSink, visitor: BlockVisitor, checkpoint: Checkpoint,
-                 start: int) -> None:
-        """Put the finished blocks' saved state back (into the model, or out to the sink)."""
-        for index in range(start):
-            block = source.load(index, self.device)
-            linears = find_linears(block, self.include, self.exclude)
-            restore = getattr(visitor, "restore_state", None)
-            state = checkpoint.block_state(index)
-            if restore is not None:
-                restore(index, linears, state)
-            else:
-                _restore_weights(linears, state)
-            sink.put(index, block)
-
-    @staticmethod
-    def _state(visitor: BlockVisitor, index: int, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-        getter = getattr(visitor, "block_state", None)
-        if getter is not None:
-            return getter(index, linears)
-        return {f"{name}.weight": linear_weight_view(lin) for name, lin in linears.items()}
-
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -258,9 +238,3 @@ class LayerEngine:
     def _iter(self, indices):
         return tqdm(indices, desc="blocks", unit="block", disable=not self.progress, leave=False)
 
-
-def _restore_weights(linears: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, lin in linears.items():
-            weight = linear_weight_view(lin)
-            weight.copy_(state[f"{name}.weight"].to(weight.device, weight.dtype))
