@@ -58,7 +58,8 @@ EQUIVALENT: list[tuple[str, str, str | None, str]] = [
 EQUIVALENT += [
     # engine: device placement and console output
     (r"engine\.(capture|loop|resume)\.", r"\.to\(None\)|TensorStore\(None\)|self\.device = None|load\(index, None\)"
-     r"|make_accumulators\(.*, None\)|OnePass\(.*needed, None,", None, f"device placement, {CPU}"),
+     r"|make_accumulators\(.*, None\)|OnePass\(.*needed, None,|start, None, self\.include", None,
+     f"device placement, {CPU}"),
     (r"engine\.resume\.x__restore_weights__", r"copy_\(", r"\.to\([^)]*\)", "copy_ casts to the weight's dtype and device anyway"),
     (r"engine\.loop\.xǁLayerEngineǁ_run__", r"print\(", r",? ?flush=(True|False|None)", "console output only: the same text"),
     (r"engine\.loop\.xǁLayerEngineǁ_run__", r"^- inputs: list\[torch\.Tensor\] = \[\] / \+ inputs: list\[torch\.Tensor\] = None$",

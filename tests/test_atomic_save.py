@@ -1,6 +1,11 @@
 """Saves are atomic: a failure (or a signal) mid-write leaves neither a partial folder nor a
 half-written destination, and an existing folder survives a failed overwrite."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 
 from wanda_pipeline.errors import Interrupted
@@ -42,3 +47,31 @@ def test_save_model_refuses_to_merge_into_a_non_empty_folder(tmp_path):
     with pytest.raises(FileExistsError):
         save_model(tiny_model("llama"), None, out, {})
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_save_is_cleaned_up_by_the_next_save_to_the_same_place(tmp_path):
+    out = tmp_path / "model"
+    # a real kill -9 in the middle of a save
+    code = ("import os, signal, sys\nfrom wanda_pipeline.saving import atomic_folder\n"
+            "with atomic_folder(sys.argv[1]) as tmp:\n"
+            "    (tmp / 'model.safetensors').write_bytes(b'half')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", code, str(out)], check=False)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".model.partial-")
+    host = socket.gethostname()
+    keep = [f".model.partial-{host}-{os.getppid()}",    # a live process is still writing it
+            f".model.partial-otherhost-{_dead_pid()}",   # another host's: its PID means nothing here
+            f".other.partial-{host}-{_dead_pid()}"]      # another destination's
+    for name in keep + [f".model.old-{host}-{_dead_pid()}"]:
+        (tmp_path / name).mkdir()
+    with atomic_folder(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["model"])
+    assert (out / "model.safetensors").read_bytes() == b"whole"

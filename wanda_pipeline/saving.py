@@ -1,15 +1,18 @@
 """Write a pruned model as safetensors with its tokenizer and a provenance file, and
 optionally in a compact sparse form (non-zero values plus a bitmask).
 
-Every folder is written next to its destination under a hidden ``.NAME.partial-PID`` name
-and renamed into place only when complete, so a crash or kill never leaves a folder that
-looks finished but does not load."""
+Every folder is written next to its destination under a hidden ``.NAME.partial-HOST-PID``
+name and renamed into place only when complete, so a crash or kill never leaves a folder
+that looks finished but does not load. What a ``kill -9`` leaves behind is removed by the
+next save to the same destination."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +26,39 @@ PROVENANCE_FILE = "wanda_provenance.json"
 SPARSE_FILE = "sparse_weights.safetensors"
 SPARSE_FORMAT = "wanda-pipeline/bitmask-v1"
 PARTIAL = ".partial-"
+OLD = ".old-"
+
+
+def _owner(pid: int | None = None) -> str:
+    # the host too: on a shared filesystem a PID alone does not say whose folder it is
+    return f"{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` left by a killed save (``kill -9``, power loss):
+    only those written on this host by a process that no longer runs. Returns what was removed."""
+    out = Path(out).expanduser()
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for marker in (PARTIAL, OLD):
+        for path in out.parent.glob(f".{glob.escape(out.name)}{marker}*"):
+            owner_host, _, pid = path.name[len(out.name) + 1 + len(marker):].rpartition("-")
+            if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 @contextmanager
@@ -33,12 +69,13 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}{PARTIAL}{_owner()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}{OLD}{_owner()}"
         if out.exists():
             out.rename(old)
         tmp.rename(out)

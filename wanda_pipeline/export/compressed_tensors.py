@@ -15,8 +15,6 @@ reads it). Both carry the sparsity metadata (``export.metadata``).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,7 @@ from torch import nn
 from wanda_pipeline.errors import ConfigError, RunError
 from wanda_pipeline.export.metadata import CONFIG_KEY, validated
 from wanda_pipeline.quantizers.rtn import RTNCodes
-
-PROVENANCE_FILE = "wanda_provenance.json"
+from wanda_pipeline.saving import PROVENANCE_FILE, atomic_folder
 
 
 def _require_library():
@@ -146,9 +143,7 @@ def export_compressed(model: nn.Module, tokenizer: Any, out_dir: str | Path, qua
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new folder or remove it")
     meta = validated(sparsity_meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         if quantizer is None:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
@@ -162,10 +157,4 @@ def export_compressed(model: nn.Module, tokenizer: Any, out_dir: str | Path, qua
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
