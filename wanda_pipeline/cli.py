@@ -18,7 +18,14 @@ import traceback
 from wanda_pipeline.cli_prune import add_prune_parser
 from wanda_pipeline.cli_serving import add_serving_parsers
 from wanda_pipeline.console import print_summary, print_table
-from wanda_pipeline.errors import EXIT_INTERNAL, Interrupted, WandaPipelineError, note_signal, signal_received
+from wanda_pipeline.errors import (
+    EXIT_INTERNAL,
+    Interrupted,
+    WandaPipelineError,
+    interrupt_behind,
+    note_signal,
+    signal_received,
+)
 
 
 def load_pipelines_file(args, with_plugins: bool = True):
@@ -203,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except WandaPipelineError as exc:
-        if signal_received() is not None:  # the interrupt surfaced as an ordinary error
-            return _interrupted(signal_received() + 128)
+        signum = signal_received() or interrupt_behind(exc)
+        if signum is not None:  # the interrupt surfaced as an ordinary error
+            return _interrupted(signum + 128)
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
@@ -212,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Interrupted is one; a bare KeyboardInterrupt is SIGINT
         return _interrupted(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except Exception as exc:  # a bug: one line, the traceback only when asked
+        signum = signal_received() or interrupt_behind(exc)
+        if signum is not None:  # e.g. an orchestrator's engine turning the signal into its own error
+            return _interrupted(signum + 128)
         if debug:
             traceback.print_exc()
         print(f"internal error: {type(exc).__name__}: {exc} (a bug; rerun with --debug or WANDA_DEBUG=1 for the "

@@ -88,3 +88,34 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum)
+
+
+def interrupt_behind(exc: BaseException) -> int | None:
+    """The signal behind ``exc``, if an interrupt is among its causes and contexts: ours, a bare
+    KeyboardInterrupt, or an orchestrator's signal exception (Prefect's ``TerminationSignal``
+    carries ``.signal``). Prefect installs its own SIGTERM handler during a flow run, and a
+    SIGTERM landing while its task engine sets up surfaces as ``ValueError("Task run is not
+    set")`` with the TerminationSignal as context, before our handler has seen the signal."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, Interrupted):
+            return e.signum
+        if isinstance(e, KeyboardInterrupt):
+            return signal.SIGINT
+        if not isinstance(e, Exception) and isinstance(getattr(e, "signal", None), int):
+            return e.signal
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def stage_failure(stage: str, exc: Exception) -> WandaPipelineError | Interrupted:
+    """What a library's exception inside ``stage`` becomes: the interrupt it hides (exit 130/143),
+    else a :class:`RunError` naming the stage (exit 5)."""
+    signum = signal_received() or interrupt_behind(exc)
+    if signum is not None:
+        return Interrupted(signum)
+    return RunError(f"stage {stage!r} failed: {type(exc).__name__}: {str(exc)[:500]}")

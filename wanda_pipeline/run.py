@@ -18,7 +18,7 @@ from typing import Any
 
 from wanda_pipeline import __version__, stages
 from wanda_pipeline.config import PipelineSpec, SaveSpec
-from wanda_pipeline.errors import Interrupted, RunError, WandaPipelineError, signal_received
+from wanda_pipeline.errors import WandaPipelineError, stage_failure
 from wanda_pipeline.preflight import Checked, Output, preflight
 
 StageRunner = Callable[..., Any]
@@ -77,10 +77,8 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
             return run_stage(name, fn, *args, cache_key=cache_key)
         except WandaPipelineError:
             raise
-        except Exception as exc:  # a library failed inside a stage: exit 5, naming the stage
-            if signal_received() is not None:  # e.g. Prefect's engine re-raising our interrupt as ValueError
-                raise Interrupted(signal_received()) from exc
-            raise RunError(f"stage {name!r} failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+        except Exception as exc:  # a library failed inside a stage (exit 5), or hides an interrupt
+            raise stage_failure(name, exc) from exc
         finally:
             result.seconds[name] = result.seconds.get(name, 0.0) + time.perf_counter() - t0
 
