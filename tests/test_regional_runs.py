@@ -7,10 +7,13 @@ import copy
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import needs_data
 from wanda_pipeline.allocation import AllocationConfig
+from wanda_pipeline.cli import main
 from wanda_pipeline.config import PipelineSpec
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
@@ -134,3 +137,19 @@ def test_block_level_problems_are_named_before_loading():
     assert "wanda++" in str(one_pass) and "passes: 2" in str(one_pass)
     [twice] = block_level_problems(wandapp(), ReconstructConfig(), 2, "wanda++")
     assert "`ro`" in str(twice) and "reconstruct" in str(twice)
+
+
+@needs_data
+def test_the_cli_refuses_one_pass_block_level_runs_before_loading(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["prune", "--model", str(tiny_dir), "--prune_method", "wanda++", "--passes", "1", "--nsamples", "2",
+                 "--seqlen", "64", "--eval-windows", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pruner 'wanda++' works on whole blocks" in err and "engine.passes: 2" in err
+    assert "[stage] load" not in err and "Traceback" not in err
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump({"pipelines": {"p": {
+        "model": {"source": str(tiny_dir)}, "pruner": {"name": "magnitude"}, "engine": {"passes": 1},
+        "reconstruct": {"iterations": 5}}}}))
+    assert main(["validate", str(path)]) == 2
+    assert "reconstruct works on whole blocks" in capsys.readouterr().err
