@@ -153,3 +153,20 @@ def test_the_cli_refuses_one_pass_block_level_runs_before_loading(tiny_dir, tmp_
         "reconstruct": {"iterations": 5}}}}))
     assert main(["validate", str(path)]) == 2
     assert "reconstruct works on whole blocks" in capsys.readouterr().err
+
+
+def test_magnitude_plus_reconstruction_is_one_line_of_a_pipeline(tiny_dir, tmp_path):
+    """A pruner that needs no statistics still gets calibration windows when `reconstruct` is set."""
+    from wanda_pipeline.run import execute
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"line {i} of some calibration text about blocks and masks" for i in range(50)))
+    spec = PipelineSpec(model={"source": str(tiny_dir)}, pruner={"name": "magnitude", "sparsity": 0.5},
+                        calibration={"source": str(text), "nsamples": 2, "seqlen": 16},
+                        reconstruct={"iterations": 1, "samples": 2, "lr": 1e-4}, dense_baseline=False,
+                        register={"enabled": False}, evaluators=[{"name": "sparsity"}])
+    result = execute(spec, pipeline="magnitude-reconstruct", progress=False)
+    assert "calibrate" in result.seconds
+    assert result.params["reconstruct"] == ReconstructConfig(iterations=1, samples=2, lr=1e-4).model_dump()
+    assert result.metrics["counter_reconstruct_steps"] == 2 * 2  # 2 blocks x 2 batches of one sample
+    assert abs(result.metrics["sparsity_total"] - 0.5) < 0.01
