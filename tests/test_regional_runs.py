@@ -170,3 +170,16 @@ def test_magnitude_plus_reconstruction_is_one_line_of_a_pipeline(tiny_dir, tmp_p
     assert result.params["reconstruct"] == ReconstructConfig(iterations=1, samples=2, lr=1e-4).model_dump()
     assert result.metrics["counter_reconstruct_steps"] == 2 * 2  # 2 blocks x 2 batches of one sample
     assert abs(result.metrics["sparsity_total"] - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("name", ["wanda", "magnitude", "ria"])
+def test_any_mask_only_pruner_takes_reconstruction(name, tokens_gen):
+    """Block 0 keeps the pruner's own mask (its inputs are the same either way); its kept weights move."""
+    tokens = tokens_gen(128, 2, 12, seed=9)
+    plain, rebuilt = tiny_model("llama", seed=9, layers=2), tiny_model("llama", seed=9, layers=2)
+    make = lambda: discover().create("pruner", name, {"sparsity": 0.5})  # noqa: E731
+    prune_model(plain, tokens, make(), LayerEngine(progress=False))
+    prune_model(rebuilt, tokens, make(), LayerEngine(progress=False), reconstruct=ReconstructConfig(**RO))
+    for (key, a), b in zip(plain.state_dict().items(), rebuilt.state_dict().values(), strict=True):
+        if "layers.0." in key and key.endswith("proj.weight"):
+            assert torch.equal(a == 0, b == 0) and not torch.equal(a, b), key
