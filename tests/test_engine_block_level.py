@@ -16,6 +16,7 @@ from wanda_pipeline.errors import ConfigError
 from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
 from wanda_pipeline.pruners.magnitude import MagnitudePruner
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
+from wanda_pipeline.pruners.wandapp import WandaPPConfig, WandaPPPruner
 from wanda_pipeline.pruning import prune_model
 from wanda_pipeline.regional import visitor as regional_visitor
 from wanda_pipeline.regional.config import ReconstructConfig
@@ -132,3 +133,32 @@ def test_visitor_saves_weights_once_optimised_and_masks_otherwise(tokens_gen):
         LayerEngine(progress=False).run(copy.deepcopy(model), tokens, visitor)
         state = visitor.block_state(3, {})
         assert state and all(k.endswith(f".{key}") for k in state), sorted(state)
+
+
+class GradientSpy(WandaPPPruner):
+    """Wanda++ (score only) that keeps the regional gradients it computed, per block."""
+
+    def __init__(self):
+        super().__init__(WandaPPConfig(ro={"iterations": 0}))
+        self.seen = []
+
+    def block_stats(self, ctx):
+        out = super().block_stats(ctx)
+        self.seen.append({n: s["regional_grad"].clone() for n, s in out.items()})
+        return out
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_regional_gradients_do_not_depend_on_the_batch_size(arch, tokens_gen):
+    """One backward per sample, also inside a batch: batches of 1 and of 2 give the same G."""
+    tokens = tokens_gen(128, 4, SEQLEN, seed=5)
+    spies = []
+    for batch in (1, 2):
+        spy = GradientSpy()
+        prune_model(build(arch, seed=5), tokens, spy, LayerEngine(progress=False, batch_size=batch))
+        spies.append(spy)
+    assert len(spies[0].seen) == len(find_blocks(build(arch))[1])
+    for one, two in zip(spies[0].seen[:1], spies[1].seen[:1], strict=True):  # block 0: the same inputs
+        for name in one:
+            assert float(one[name].abs().max()) > 0, name
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-7)
