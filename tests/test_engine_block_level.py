@@ -162,3 +162,12 @@ def test_regional_gradients_do_not_depend_on_the_batch_size(arch, tokens_gen):
         for name in one:
             assert float(one[name].abs().max()) > 0, name
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-7)
+
+
+def test_a_block_without_linears_in_scope_is_left_alone(tokens_gen):
+    model = build("llama", seed=6)
+    dense = copy.deepcopy(model)
+    prune_model(model, tokens_gen(128, 2, 8, seed=6), WandaPPPruner(WandaPPConfig(ro={"lr": 1e-3})),
+                LayerEngine(progress=False, include="no_such_linear"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), dense.state_dict().values(),
+                                                 strict=True))

@@ -27,6 +27,8 @@ def regional_gradients(ctx: BlockContext, aggregation: Literal["rms", "mean_abs"
     """G per linear of ``ctx.linears``, float32, (out_features, in_features), on the device,
     computed on the block as it is now (the engine calls it on the dense block)."""
     names = list(ctx.linears)
+    if not names:  # include/exclude left nothing in this block
+        return {}
     params = [ctx.linears[n].weight for n in names]
     acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     samples = 0
