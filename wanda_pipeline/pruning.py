@@ -102,8 +102,10 @@ class PruneVisitor:
 def run_fingerprint(source: BlockSource, tokens: torch.Tensor | None, pruner: Pruner,
                     allocation: AllocationConfig, engine: LayerEngine, reconstruct: BaseModel | None = None) -> dict:
     """What must match for a checkpoint to be resumed."""
+    # only when set, so the fingerprints (and auto folders) of runs without it stay as they were
     extra = {"reconstruct": reconstruct.model_dump(mode="json")} if reconstruct is not None else {}
-    return {**extra,
+    return {
+        **extra,
         "model": source.fingerprint(),
         "calibration": tokens_digest(tokens) if tokens is not None else None,
         "pruner": {"class": f"{type(pruner).__module__}.{type(pruner).__qualname__}",
