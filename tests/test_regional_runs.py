@@ -183,3 +183,14 @@ def test_any_mask_only_pruner_takes_reconstruction(name, tokens_gen):
     for (key, a), b in zip(plain.state_dict().items(), rebuilt.state_dict().values(), strict=True):
         if "layers.0." in key and key.endswith("proj.weight"):
             assert torch.equal(a == 0, b == 0) and not torch.equal(a, b), key
+
+
+def test_a_checkpoint_of_other_reconstruction_options_is_refused(tokens_gen, tmp_path):
+    from wanda_pipeline.errors import ConfigError
+
+    tokens = tokens_gen(128, 2, 8, seed=10)
+    run = lambda cfg: prune_model(tiny_model("llama", seed=10, layers=2), tokens, MagnitudePruner(),  # noqa: E731
+                                  LayerEngine(progress=False), checkpoint_dir=tmp_path, reconstruct=cfg)
+    run(ReconstructConfig(**RO))
+    with pytest.raises(ConfigError, match="differs in: reconstruct"):
+        run(ReconstructConfig(**{**RO, "lr": 1e-3}))
