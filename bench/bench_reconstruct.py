@@ -9,6 +9,12 @@ the examples it evaluated.
     python bench/bench_reconstruct.py --eval-windows 32 --zeroshot-limit 200          # the table
     python bench/bench_reconstruct.py --model /tmp/tiny --calibration /tmp/c.txt \\
         --nsamples 4 --seqlen 64 --eval-seqlen 64 --eval-windows 2 --no-zeroshot --rows "wanda++ 2:4"  # smoke
+    python bench/bench_reconstruct.py --synthetic-7b 4 --dtype bfloat16 --device cuda --nsamples 128 \\
+        --seqlen 2048 --tag reconstruct-7b       # GPU: time and peak memory per block, LLaMA-7B-shaped blocks
+
+With ``--synthetic-7b LAYERS`` the model is a random LLaMA-7B-shaped one (``--synthetic-scale S``
+divides its widths, for a smoke run) with the demo tokenizer; only time and memory mean anything
+there, so it is evaluated for sparsity alone.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ def run_one(args, label: str) -> dict:
     _, pruner, reconstruct = next(r for r in rows(ro_options(args)) if r[0] == label)
     evaluators = [{"name": "perplexity", "seqlen": args.eval_seqlen, "windows": args.eval_windows,
                    "device": args.device}, {"name": "sparsity"}]
-    if not args.no_zeroshot:
+    if args.synthetic_7b:
+        evaluators = [{"name": "sparsity"}]  # random weights: time and memory only
+    elif not args.no_zeroshot:
         evaluators.insert(1, {"name": "zeroshot", "limit": args.zeroshot_limit, "batch_size": 8})
     calibration = {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}
     if args.calibration:
@@ -68,10 +76,32 @@ def run_one(args, label: str) -> dict:
             zeroshot[task] = {"acc": acc, "ci95": half, "n": n.get(task)}
     device_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     return {"method": label, "ppl_wikitext2": m.get("ppl_wikitext2"), "sparsity": m.get("sparsity_total"),
-            "eval_windows": result.protocols["perplexity"]["windows"], "zeroshot_mean": m.get("zeroshot_mean"),
+            "eval_windows": result.protocols.get("perplexity", {}).get("windows"),
+            "zeroshot_mean": m.get("zeroshot_mean"),
             "zeroshot": zeroshot, "prune_s": result.seconds.get("prune"), "seconds": result.seconds,
             "peak_rss_bytes": m.get("peak_rss_bytes"), "peak_device_bytes": device_peak,
+            "blocks": result.params["model"]["n_blocks"],
             "counters": {k: v for k, v in m.items() if k.startswith("counter_")}}
+
+
+def synthetic_model(args, folder: Path) -> str:
+    """A random LLaMA-7B-shaped model with ``args.synthetic_7b`` blocks and the demo tokenizer."""
+    import torch
+    from bench_latency import LLAMA_7B
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from wanda_pipeline.models import DTYPES, demo_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir("smollm2-135m"))
+    shape = {**LLAMA_7B, "num_hidden_layers": args.synthetic_7b, "vocab_size": len(tokenizer)}
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        shape[k] //= args.synthetic_scale
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**shape, max_position_embeddings=4096),
+                                             dtype=DTYPES[args.dtype])
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def ro_options(args) -> dict:
@@ -90,7 +120,7 @@ def render(record: dict, path: Path) -> None:
              f"{a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']}. Regional optimisation: "
              f"{json.dumps(ro_options(argparse.Namespace(**a)))}. Each row in its own process.", "",
              "| method | sparsity | WikiText-2 ppl | x dense | vs Wanda | zero-shot mean | prune s | x Wanda time "
-             "| peak RSS GiB | peak device GiB |", "|---" * 10 + "|"]
+             "| prune s per block | peak RSS GiB | peak device GiB |", "|---" * 11 + "|"]
     for r in runs:
         w = wanda.get(r["method"].split()[-1])
         ppl = r["ppl_wikitext2"]
@@ -101,6 +131,7 @@ def render(record: dict, path: Path) -> None:
             f"{fmt(ppl / w['ppl_wikitext2'] - 1 if w and ppl and r is not w else None, '+.1%')} | "
             f"{fmt(r['zeroshot_mean'], '.3f')} | {fmt(r['prune_s'], '.0f')} | "
             f"{fmt(r['prune_s'] / w['prune_s'] if w and r['prune_s'] and w['prune_s'] else None, '.2f')} | "
+            f"{fmt(r['prune_s'] / r['blocks'] if r['prune_s'] and r.get('blocks') else None, '.2f')} | "
             f"{fmt(r['peak_rss_bytes'] / 2**30 if r['peak_rss_bytes'] else None, '.2f')} | "
             f"{fmt(r['peak_device_bytes'] / 2**30 if r['peak_device_bytes'] else None, '.2f')} |")
     zs = [r for r in runs if r["zeroshot"]]
@@ -129,6 +160,8 @@ def main() -> None:
     p.add_argument("--ro-iterations", type=int, default=5)
     p.add_argument("--ro-samples", type=int, default=32)
     p.add_argument("--ro-lr", type=float, default=3e-7)
+    p.add_argument("--synthetic-7b", type=int, metavar="LAYERS", help="a random LLaMA-7B-shaped model instead")
+    p.add_argument("--synthetic-scale", type=int, default=1, help="divide the synthetic model's widths (smoke)")
     p.add_argument("--rows", nargs="*", help="labels to run (default: all)")
     p.add_argument("--tag", default="reconstruct")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this row, print its JSON
@@ -139,13 +172,19 @@ def main() -> None:
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "one"}
+    child_args = sys.argv[1:]
+    if args.synthetic_7b:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="wanda-7b-shaped-"))
+        settings["model"] = f"random LLaMA-7B-shaped, {args.synthetic_7b} blocks, widths / {args.synthetic_scale}"
+        child_args = [*child_args, "--model", synthetic_model(args, folder)]
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": settings, "runs": []}
     for label, _, _ in rows(ro_options(args)):
         if args.rows and label not in args.rows:
             continue
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", label], capture_output=True,
-                              text=True)
+        done = subprocess.run([sys.executable, __file__, *child_args, "--one", label], capture_output=True, text=True)
         found = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
         if done.returncode or not found:
             print(f"{label}: failed (exit {done.returncode})\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -154,6 +193,10 @@ def main() -> None:
         (out_dir / f"{args.tag}.json").write_text(json.dumps(record, indent=2))
         print(found[-1][4:], flush=True)
     render(record, out_dir / f"{args.tag}.md")
+    if args.synthetic_7b:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
