@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from wanda_pipeline.allocation import AllocationConfig
 from wanda_pipeline.cron import check_cron
 from wanda_pipeline.models import DTYPES
+from wanda_pipeline.regional.config import ReconstructConfig
 
 DEFAULT_FILE = "pipelines.yaml"
 # MLflow's rule for aliases (letters, digits, '_' and '-'; not 'latest', not 'v<digits>').
@@ -144,6 +145,8 @@ class PipelineSpec(_Strict):
     pruner: PluginSpec
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    reconstruct: ReconstructConfig | None = Field(
+        None, description="after a pruner masks a block, fit its kept weights to the dense block's outputs")
     quantizer: PluginSpec | None = None
     evaluators: list[PluginSpec] = Field(default_factory=lambda: [PluginSpec(name="sparsity")])
     dense_baseline: bool = Field(True, description="also evaluate the dense model, for ratios and gates")
@@ -156,6 +159,13 @@ class PipelineSpec(_Strict):
     @classmethod
     def _save_path(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _reconstruct_needs_two_passes(self):
+        if self.reconstruct is not None and self.engine.passes == 1:
+            raise ValueError("reconstruct works on whole blocks (it runs each block forward again), which "
+                             "engine.passes 1 cannot do; use engine.passes: 2 or remove reconstruct")
+        return self
 
     @model_validator(mode="after")
     def _gates_need_evaluators(self):

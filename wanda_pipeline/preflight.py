@@ -18,6 +18,7 @@ from wanda_pipeline.config import PipelineSpec, SaveSpec
 from wanda_pipeline.data import local_document_file
 from wanda_pipeline.errors import DataError, OutputError, PreflightError, WandaPipelineError
 from wanda_pipeline.plugins import Registry, discover
+from wanda_pipeline.regional.visitor import block_level_problems
 from wanda_pipeline.sourcecheck import SourceFacts, can_write, check_model, check_text_file
 from wanda_pipeline.stages import Plugins, build_plugins
 
@@ -48,7 +49,8 @@ def _offline(var: str) -> bool:
 def check_data(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]:
     problems: list[WandaPipelineError] = []
     cal = spec.calibration
-    needs_data = plugins.pruner is None or plugins.pruner.required_stats()  # unknown pruner: assume it does
+    # unknown pruner: assume it does; reconstruction needs the inputs too
+    needs_data = plugins.pruner is None or plugins.pruner.required_stats() or spec.reconstruct is not None
     if needs_data and cal.source != "self":
         local = local_document_file(cal.source, "train", cal.path)
         if local is not None:
@@ -186,6 +188,8 @@ def preflight(spec: PipelineSpec, tracker=None, outputs: list[Output] | None = N
     facts, model_problems = check_model(spec.model)
     problems += model_problems
     problems += check_data(spec, plugins) + check_seqlens(spec, plugins, facts) + check_devices(spec, plugins)
+    if plugins.pruner is not None:
+        problems += block_level_problems(plugins.pruner, spec.reconstruct, spec.engine.passes, spec.pruner.name)
     outs = list(outputs if outputs is not None else spec_outputs(spec))
     for o in outs:
         o.needs_bytes = o.needs_bytes or (facts.weight_bytes if "folder" in o.what and "log" not in o.what else 0)
@@ -208,4 +212,6 @@ def static_problems(spec: PipelineSpec, registry: Registry) -> tuple[list[WandaP
     problems: list[WandaPipelineError] = []
     plugins = build_plugins(spec, registry, problems)
     facts, _ = check_model(spec.model)
-    return check_seqlens(spec, plugins, facts), [str(p) for p in check_devices(spec, plugins)]
+    blocks = block_level_problems(plugins.pruner, spec.reconstruct, spec.engine.passes, spec.pruner.name) \
+        if plugins.pruner is not None else []
+    return check_seqlens(spec, plugins, facts) + blocks, [str(p) for p in check_devices(spec, plugins)]

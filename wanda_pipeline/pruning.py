@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from wanda_pipeline.allocation import AllocationConfig, OutlierScan, block_ratios
@@ -47,6 +48,7 @@ class PruneVisitor:
         self.pruner = pruner
         self.ratios = ratios
         self._state: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.masks: dict[str, torch.Tensor] = {}  # this block's masks so far (True = pruned)
 
     def required_stats(self) -> set[str]:
         return set(self.pruner.required_stats())
@@ -54,6 +56,8 @@ class PruneVisitor:
     def visit(self, index: int, block: nn.Module, linears: dict, stats: dict) -> bool:
         # passes=1 visits one linear at a time: keep adding to this block's state
         state = self._state[1] if self._state is not None and self._state[0] == index else {}
+        if not state:
+            self.masks = {}
         for name, lin in linears.items():
             weight = linear_weight_view(lin)
             before = weight.clone()
@@ -70,6 +74,7 @@ class PruneVisitor:
                     f"expected a bool tensor of shape {tuple(weight.shape)}"
                 )
             apply_mask(weight, mask)
+            self.masks[name] = mask
             # A mask is enough to redo the block unless the pruner also updated weights (SparseGPT).
             if torch.equal(weight, before.masked_fill_(mask, 0)):
                 state[f"{name}.mask"] = mask.detach().to("cpu")
@@ -95,9 +100,12 @@ class PruneVisitor:
 
 
 def run_fingerprint(source: BlockSource, tokens: torch.Tensor | None, pruner: Pruner,
-                    allocation: AllocationConfig, engine: LayerEngine) -> dict:
+                    allocation: AllocationConfig, engine: LayerEngine, reconstruct: BaseModel | None = None) -> dict:
     """What must match for a checkpoint to be resumed."""
+    # only when set, so the fingerprints (and auto folders) of runs without it stay as they were
+    extra = {"reconstruct": reconstruct.model_dump(mode="json")} if reconstruct is not None else {}
     return {
+        **extra,
         "model": source.fingerprint(),
         "calibration": tokens_digest(tokens) if tokens is not None else None,
         "pruner": {"class": f"{type(pruner).__module__}.{type(pruner).__qualname__}",
@@ -125,30 +133,39 @@ def prune_model(
     resume: bool = True,
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
+    reconstruct: BaseModel | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` block by block. ``checkpoint_dir`` ("auto": a cache folder keyed by the
     run's fingerprint) makes the run resumable; ``source``/``sink`` stream weights from and to
-    shards (default: the model in memory)."""
+    shards (default: the model in memory); ``reconstruct`` (a
+    :class:`~wanda_pipeline.regional.config.ReconstructConfig`) fits each masked block to the
+    dense block's outputs."""
+    from wanda_pipeline.regional.visitor import BlockPruneVisitor, block_level_problems, is_block_level
+
     allocation = allocation or AllocationConfig()
     source = source or ModelSource(model)
     target = pattern_sparsity(pruner.config.pattern, pruner.config.sparsity)
     visitor_stats = set(pruner.required_stats())
-    if visitor_stats and tokens is None:
+    block_level = is_block_level(pruner, reconstruct)
+    if (visitor_stats or block_level) and tokens is None:
         raise PluginError("this pruner needs calibration data, but none was given")
+    problems = block_level_problems(pruner, reconstruct, engine.passes, type(pruner).__name__)
+    if problems:
+        raise problems[0]
     outliers = None
     if allocation.method == "owl":
         scan = OutlierScan(allocation.owl_m)
         engine.run(model, tokens, scan, source=source, sink=_Release(source))
         outliers = scan.ratios
     ratios = block_ratios(allocation, len(source.blocks), target, outliers)
-    visitor = PruneVisitor(pruner, ratios)
+    visitor = BlockPruneVisitor(pruner, ratios, reconstruct) if block_level else PruneVisitor(pruner, ratios)
     checkpoint = None
     if checkpoint_dir is not None:
-        fingerprint = run_fingerprint(source, tokens, pruner, allocation, engine)
+        fingerprint = run_fingerprint(source, tokens, pruner, allocation, engine, reconstruct)
         folder = auto_checkpoint_dir(fingerprint) if str(checkpoint_dir) == "auto" else Path(checkpoint_dir)
         checkpoint = Checkpoint(folder, fingerprint, resume=resume)
     report = engine.run(model, tokens, visitor, source=source, sink=sink, checkpoint=checkpoint)
-    counters = dict(getattr(pruner, "counters", {}) or {})
+    counters = {**(getattr(pruner, "counters", {}) or {}), **getattr(visitor, "counters", {})}
     return PruneOutcome(block_ratios=ratios, engine=report, counters=counters,
                         checkpoint_dir=str(checkpoint.folder) if checkpoint else None)
 

@@ -99,7 +99,7 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
             timed("preflight-export", export_preflight, loaded.model, plugins.quantizer, spec.engine.include,
                   spec.engine.exclude)
         windows = None
-        if plugins.pruner.required_stats():
+        if plugins.pruner.required_stats() or spec.reconstruct is not None:  # reconstruction needs inputs too
             key = stages.calibration_key(spec.calibration, loaded)
             windows = timed("calibrate", stages.calibrate, spec.calibration, loaded, cache_key=key)
         target = plugins.pruner.config.target_sparsity
@@ -110,6 +110,7 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
             "pruner": {"name": spec.pruner.name, **plugins.pruner.config.model_dump()},
             "target_sparsity": target,
             "allocation": spec.allocation.model_dump(),
+            "reconstruct": spec.reconstruct.model_dump() if spec.reconstruct is not None else "none",
             "calibration": {**spec.calibration.model_dump(), "seqlen_used": windows.seqlen if windows else None,
                             "windows_digest": windows.digest if windows else None},
             "quantizer": ({"name": spec.quantizer.name, **plugins.quantizer.config.model_dump()}

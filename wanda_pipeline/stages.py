@@ -125,7 +125,7 @@ def prune(loaded: Loaded, windows: Windows | None, pruner: Any, spec: PipelineSp
     e = spec.engine
     io = streaming_io(loaded.model, spec.save.path if spec.save else None)
     outcome = prune_model(loaded.model, tokens, pruner, make_engine(e, progress), spec.allocation,
-                          checkpoint_dir=e.checkpoint_dir, resume=e.resume,
+                          checkpoint_dir=e.checkpoint_dir, resume=e.resume, reconstruct=spec.reconstruct,
                           source=io[0] if io else None, sink=io[1] if io else None)
     if io:
         finish_streaming(loaded.model, io, outcome)

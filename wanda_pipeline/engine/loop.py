@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wanda_pipeline.engine.batching import auto_batch_size
+from wanda_pipeline.engine.block import BlockContext, check_passes, is_block_level
 from wanda_pipeline.engine.capture import Captured, capture
 from wanda_pipeline.engine.checkpoint import Checkpoint
 from wanda_pipeline.engine.onepass import OnePass, join_calls
@@ -35,7 +36,8 @@ class BlockVisitor(Protocol):
     """What the engine calls for each block. ``visit`` may change the block's weights.
 
     A visitor that supports resuming also has ``block_state(index, linears) -> dict`` and
-    ``restore_state(index, linears, state)``."""
+    ``restore_state(index, linears, state)``. A block-level visitor has ``visit_block(ctx)``
+    instead of ``visit``: it gets the whole block (see :mod:`.block`)."""
 
     def required_stats(self) -> set[str]: ...
 
@@ -138,6 +140,7 @@ class LayerEngine:
         sink = sink or ModelSink()
         report = EngineReport(blocks=len(source.blocks))
         needed = set(visitor.required_stats())
+        check_passes(visitor, self.passes)
         start = checkpoint.start(len(source.blocks)) if checkpoint else 0
         report.resumed_at = start
         if start:
@@ -148,7 +151,7 @@ class LayerEngine:
 
         inputs: list[torch.Tensor] = []
         captured = None
-        if needed:
+        if needed or is_block_level(visitor):
             t0 = time.perf_counter()
             captured = self.capture(model, tokens, source)
             report.capture_seconds = time.perf_counter() - t0
@@ -168,7 +171,12 @@ class LayerEngine:
                     outputs = self.prune_in_forward(visitor, index, block, linears, inputs, calls, needed)
                 else:
                     stats, outputs = self.observe(block, linears, inputs, calls, needed)
-                    if visitor.visit(index, block, linears, stats):
+                    if not is_block_level(visitor):
+                        changed = visitor.visit(index, block, linears, stats)
+                    else:  # the dense outputs are this observe forward's
+                        changed = visitor.visit_block(BlockContext(index, block, linears, stats, inputs, calls,
+                                                                   outputs, self.device, self.store_device, self.call))
+                    if changed:
                         outputs = self.forward(block, inputs, calls)
                     del stats
             if checkpoint is not None:
@@ -213,12 +221,17 @@ class LayerEngine:
         outs: list[torch.Tensor] = []
         memo: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            for hidden, (rest, kwargs) in zip(inputs, calls, strict=True):
-                args, kw = _to(rest, self.device, memo), _to(kwargs, self.device, memo)
-                self._samples = hidden.shape[0]  # for the statistics hooks
-                out = _hidden(block(hidden.to(self.device), *args, **kw))
-                outs.append(out.detach().to(self.store_device))
+            for hidden, call in zip(inputs, calls, strict=True):
+                outs.append(self.call(block, hidden, call, memo).detach().to(self.store_device))
         return outs
+
+    def call(self, block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict],
+             memo: dict[int, torch.Tensor]) -> torch.Tensor:
+        """One batch through the block on the device, in the caller's grad mode: every forward of
+        the engine (and of a block-level visitor) runs through here."""
+        args, kw = _to(call[0], self.device, memo), _to(call[1], self.device, memo)
+        self._samples = hidden.shape[0]  # for the statistics hooks
+        return _hidden(block(hidden.to(self.device), *args, **kw))
 
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":

@@ -1,0 +1,1 @@
+"""Block-level pruning: regional gradients, regional optimisation (reconstruction) and the visitor that runs them."""
