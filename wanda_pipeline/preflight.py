@@ -18,6 +18,7 @@ from wanda_pipeline.config import PipelineSpec, SaveSpec
 from wanda_pipeline.data import local_document_file
 from wanda_pipeline.errors import DataError, OutputError, PreflightError, WandaPipelineError
 from wanda_pipeline.plugins import Registry, discover
+from wanda_pipeline.quantizers.calibrated import calibrated_stats
 from wanda_pipeline.sourcecheck import SourceFacts, can_write, check_model, check_text_file
 from wanda_pipeline.stages import Plugins, build_plugins
 
@@ -48,7 +49,8 @@ def _offline(var: str) -> bool:
 def check_data(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]:
     problems: list[WandaPipelineError] = []
     cal = spec.calibration
-    needs_data = plugins.pruner is None or plugins.pruner.required_stats()  # unknown pruner: assume it does
+    # unknown pruner: assume it needs data; a calibrated quantizer (gptq) does
+    needs_data = plugins.pruner is None or plugins.pruner.required_stats() or calibrated_stats(plugins.quantizer)
     if needs_data and cal.source != "self":
         local = local_document_file(cal.source, "train", cal.path)
         if local is not None:

@@ -27,6 +27,7 @@ from wanda_pipeline.engine.source import STREAM_ATTR
 from wanda_pipeline.errors import PluginError
 from wanda_pipeline.models import linear_weight_view
 from wanda_pipeline.plugins import Pruner
+from wanda_pipeline.quantizers.calibrated import CalibratedQuantize, QuantTally, calibrated_stats
 from wanda_pipeline.settings import cache_dir
 from wanda_pipeline.sparsity import apply_mask, pattern_sparsity
 
@@ -38,6 +39,7 @@ class PruneOutcome:
     counters: dict[str, float] = field(default_factory=dict)
     checkpoint_dir: str | None = None
     streamed_to: str | None = None  # streaming: the folder the pruned shards were written to
+    quantized: QuantTally | None = None  # a calibrated quantizer ran in the block loop
 
 
 class PruneVisitor:
@@ -95,18 +97,24 @@ class PruneVisitor:
 
 
 def run_fingerprint(source: BlockSource, tokens: torch.Tensor | None, pruner: Pruner,
-                    allocation: AllocationConfig, engine: LayerEngine) -> dict:
+                    allocation: AllocationConfig, engine: LayerEngine, quantizer=None) -> dict:
     """What must match for a checkpoint to be resumed."""
-    return {
+    found = {
         "model": source.fingerprint(),
         "calibration": tokens_digest(tokens) if tokens is not None else None,
-        "pruner": {"class": f"{type(pruner).__module__}.{type(pruner).__qualname__}",
-                   **pruner.config.model_dump(mode="json")},
+        "pruner": _plugin_id(pruner),
         "allocation": allocation.model_dump(mode="json"),
         "linears": {"include": engine.include, "exclude": engine.exclude},
         "batch_size": engine.batch_size,
         "passes": engine.passes,
     }
+    if quantizer is not None:  # only then: earlier runs' checkpoints keep their fingerprint
+        found["quantizer"] = _plugin_id(quantizer)
+    return found
+
+
+def _plugin_id(plugin) -> dict:
+    return {"class": f"{type(plugin).__module__}.{type(plugin).__qualname__}", **plugin.config.model_dump(mode="json")}
 
 
 def auto_checkpoint_dir(fingerprint: dict) -> Path:
@@ -125,32 +133,39 @@ def prune_model(
     resume: bool = True,
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
+    quantizer=None,
 ) -> PruneOutcome:
     """Prune ``model`` block by block. ``checkpoint_dir`` ("auto": a cache folder keyed by the
     run's fingerprint) makes the run resumable; ``source``/``sink`` stream weights from and to
-    shards (default: the model in memory)."""
+    shards (default: the model in memory). A calibrated ``quantizer`` (one that declares
+    statistics) quantizes each linear right after it is pruned, in the same loop."""
     allocation = allocation or AllocationConfig()
     source = source or ModelSource(model)
     target = pattern_sparsity(pruner.config.pattern, pruner.config.sparsity)
-    visitor_stats = set(pruner.required_stats())
-    if visitor_stats and tokens is None:
-        raise PluginError("this pruner needs calibration data, but none was given")
+    quantizer = quantizer if calibrated_stats(quantizer) else None
+    if (pruner.required_stats() or quantizer is not None) and tokens is None:
+        raise PluginError(f"this {'quantizer' if quantizer is not None else 'pruner'} needs calibration data, "
+                          "but none was given")
     outliers = None
     if allocation.method == "owl":
         scan = OutlierScan(allocation.owl_m)
         engine.run(model, tokens, scan, source=source, sink=_Release(source))
         outliers = scan.ratios
     ratios = block_ratios(allocation, len(source.blocks), target, outliers)
-    visitor = PruneVisitor(pruner, ratios)
+    prune_visitor = PruneVisitor(pruner, ratios)
+    visitor = CalibratedQuantize(prune_visitor, quantizer) if quantizer is not None else prune_visitor
     checkpoint = None
     if checkpoint_dir is not None:
-        fingerprint = run_fingerprint(source, tokens, pruner, allocation, engine)
+        fingerprint = run_fingerprint(source, tokens, pruner, allocation, engine, quantizer)
         folder = auto_checkpoint_dir(fingerprint) if str(checkpoint_dir) == "auto" else Path(checkpoint_dir)
         checkpoint = Checkpoint(folder, fingerprint, resume=resume)
     report = engine.run(model, tokens, visitor, source=source, sink=sink, checkpoint=checkpoint)
     counters = dict(getattr(pruner, "counters", {}) or {})
+    if quantizer is not None:
+        counters.update({f"quantizer_{k}": v for k, v in (getattr(quantizer, "counters", {}) or {}).items()})
     return PruneOutcome(block_ratios=ratios, engine=report, counters=counters,
-                        checkpoint_dir=str(checkpoint.folder) if checkpoint else None)
+                        checkpoint_dir=str(checkpoint.folder) if checkpoint else None,
+                        quantized=visitor.tally if quantizer is not None else None)
 
 
 class _Release:

@@ -1,0 +1,95 @@
+"""A GPTQ-quantized pruned model exports through the unchanged compressed-tensors path:
+compressed-tensors' own dequantizer gives the in-memory weights bit for bit, and transformers'
+from_pretrained gives the same weights and logits. The run path quantizes inside the prune
+stage (calibrating even for a pruner that needs no data) and reports it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_export_compressed import CONFIG, block_linears
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig
+
+from tests.conftest import needs_data, quick_spec
+from wanda_pipeline.engine import LayerEngine
+from wanda_pipeline.export import save
+from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
+from wanda_pipeline.pruning import prune_model
+from wanda_pipeline.quantizers.gptq import GPTQConfig, GPTQQuantizer
+
+
+def gptq_llama(pattern: str, config: GPTQConfig, dtype=torch.float32, passes: int = 2):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).to(dtype).eval()
+    tokens = torch.randint(0, CONFIG["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(0))
+    quantizer = GPTQQuantizer(config)
+    pruner = WandaPruner(WandaConfig(pattern=pattern) if pattern != "unstructured" else WandaConfig(sparsity=0.5))
+    prune_model(model, tokens, pruner, LayerEngine(progress=False, passes=passes), quantizer=quantizer)
+    return model, quantizer
+
+
+CASES = [  # bits, symmetric, group_size, act_order, dtype, passes
+    (4, True, 16, False, torch.float32, 2), (4, False, 32, False, torch.float32, 2),
+    (8, True, 32, False, torch.float32, 1), (8, False, 16, True, torch.float32, 2),
+    (4, True, 128, False, torch.float32, 2),  # per row: the channel strategy
+    (4, True, 32, True, torch.bfloat16, 2), (4, False, 16, False, torch.bfloat16, 1),
+]
+
+
+@pytest.mark.parametrize("bits,symmetric,group_size,act_order,dtype,passes", CASES)
+def test_gptq_exports_and_loads_bit_identically(bits, symmetric, group_size, act_order, dtype, passes, tmp_path):
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+
+    config = GPTQConfig(bits=bits, symmetric=symmetric, group_size=group_size, act_order=act_order)
+    model, quantizer = gptq_llama("2:4", config, dtype, passes)
+    out = save(model, None, tmp_path / "m", "compressed-tensors", {}, quantizer=quantizer, pattern="2:4")
+    tensors = load_file(str(out / "model.safetensors"))
+    assert sum(k.endswith(".weight_packed") for k in tensors) == 14
+    dequant = CompressedTensorsDequantizer(out, dtype=dtype).validate(tensors)
+    for name, lin in block_linears(model).items():
+        assert torch.equal(dequant[f"{name}.weight"], lin.weight), name
+        groups = lin.weight.detach().float().reshape(lin.weight.shape[0], -1, 4)
+        assert bool(((groups == 0).sum(-1) >= 2).all()), f"{name}: the 2:4 pattern was lost"
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    expected_group = None if group_size >= 128 else group_size
+    assert (weights["weights"]["num_bits"], weights["weights"]["symmetric"], weights["weights"]["group_size"]) == \
+        (bits, symmetric, expected_group)
+
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    for name, lin in block_linears(loaded).items():
+        assert torch.equal(lin.weight, block_linears(model)[name].weight), name
+    with torch.no_grad():
+        got, expected = loaded(ids).logits.float(), model(ids).logits.float()
+    # bf16: the reference's rotary buffers were cast to bf16 by .to(); the loader keeps them float32
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    torch.testing.assert_close(got, expected, **tol)
+
+
+@needs_data
+def test_the_run_path_quantizes_inside_the_prune_stage(tmp_path, tiny_dir):
+    """magnitude needs no calibration, gptq does: the run calibrates, quantizes while pruning,
+    reports it, and saves a compressed-tensors folder that reloads to the evaluated weights."""
+    from wanda_pipeline.config import PipelineSpec
+    from wanda_pipeline.models import state_digest
+    from wanda_pipeline.run import execute
+
+    spec = PipelineSpec.model_validate(quick_spec(
+        str(tiny_dir), pruner={"name": "magnitude", "sparsity": 0.5},
+        quantizer={"name": "gptq", "bits": 4, "group_size": 16}, evaluators=[{"name": "sparsity"}],
+        dense_baseline=False, register={"enabled": False},
+        save={"path": str(tmp_path / "saved"), "format": "compressed-tensors"}))
+    result = execute(spec, pipeline="tiny-gptq", progress=False)
+    assert "calibrate" in result.seconds and result.seconds["quantize"] < result.seconds["prune"]
+    m = result.metrics
+    assert m["quant_bits_per_weight"] == pytest.approx(4 + 16 / 16) and m["quant_seconds"] > 0
+    assert m["counter_quantizer_linears"] == 14 and result.params["quantizer"]["name"] == "gptq"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved",
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert state_digest(loaded) == result.weights_digest
+    weights = [lin.weight for lin in block_linears(loaded).values()]
+    assert m["quant_zeros_kept"] == sum(int((w == 0).sum()) for w in weights) >= sum(w.numel() for w in weights) // 2
