@@ -17,6 +17,7 @@ from wanda_pipeline import stages
 from wanda_pipeline.config import EngineSpec
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.errors import ConfigError, PluginError, RunError
+from wanda_pipeline.export.compressed_tensors import preflight as export_preflight
 from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import PruneVisitor, finish_streaming, prune_model, streaming_io
@@ -212,6 +213,8 @@ def test_a_streamed_run_writes_the_in_memory_result(tokens_gen, tmp_path):
     written = AutoModelForCausalLM.from_pretrained(streamed.streamed_to).state_dict()
     expected = dense.state_dict()
     assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    with pytest.raises(ConfigError, match="streamed model .* cannot be exported quantized"):
+        export_preflight(skeleton, GPTQQuantizer(CFG))  # its weights live in shards: save as 'hf'
     report = stages.quantize(skeleton, GPTQQuantizer(CFG), EngineSpec(), streamed)
     assert report.quantized_linears == in_memory.quantized.linears and report.zeros_after == \
         in_memory.quantized.zeros_after and report.bits_per_weight == pytest.approx(4 + 16 / 16)
