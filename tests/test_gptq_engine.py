@@ -224,3 +224,13 @@ def test_the_quantize_stage_refuses_a_calibrated_quantizer_outside_the_loop():
     model = build("llama")
     with pytest.raises(RunError, match="runs in the prune stage"):
         stages.quantize(model, GPTQQuantizer(CFG), EngineSpec())
+
+
+def test_a_calibrated_quantizer_that_moves_a_pruned_zero_fails_the_run(tokens_gen):
+    class Careless(GPTQQuantizer):
+        def quantize_weight(self, weight, stats=None):
+            return super().quantize_weight(weight, stats) + 1e-3  # like a non-integer zero point
+
+    with pytest.raises(RunError, match=r"turned \d+ pruned zeros of block 0 'self_attn.q_proj' non-zero"):
+        prune_model(build("llama"), tokens_gen(128, 2, 16), WandaPruner(WandaConfig()), LayerEngine(progress=False),
+                    quantizer=Careless(CFG))
