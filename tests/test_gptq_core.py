@@ -15,27 +15,29 @@ from wanda_pipeline.quantizers.gptq import GPTQConfig, GPTQQuantizer, gptq_quant
 from wanda_pipeline.quantizers.rtn import RTNQuantizer, quantize_codes, quantize_rtn
 
 
-def params_by_hand(g: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and zero point of one group, compressed-tensors' RTN convention."""
+def params_by_hand(g: torch.Tensor, bits: int, symmetric: bool, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale (stored in ``dtype``) and zero point of one group, compressed-tensors' RTN convention."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     g = g.float()
     if symmetric:
-        s = g.abs().amax(dim=1) / qmax
+        s = (g.abs().amax(dim=1) / qmax).to(dtype)
         s = torch.where(s == 0, torch.ones_like(s), s)
-        return s, torch.zeros_like(s)
+        return s, torch.zeros_like(s, dtype=torch.float32)
     lo, hi = g.amin(dim=1).clamp(max=0), g.amax(dim=1).clamp(min=0)
-    s = (hi - lo) / (qmax - qmin)
+    s = ((hi - lo) / (qmax - qmin)).to(dtype)
     s = torch.where(s == 0, torch.ones_like(s), s)
-    return s, torch.clamp(torch.round(qmin - lo / s), qmin, qmax)
+    return s, torch.clamp(torch.round(qmin - lo / s.float()), qmin, qmax)
 
 
 def obq_reference(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: bool, act_order: bool,
                   percdamp: float = 0.01) -> torch.Tensor:
     """Codes of ``w`` by OBQ: quantise one column, spread its error over the columns left with
     the current inverse Hessian, then eliminate that column from the inverse. Zeros of ``w``
-    are quantised to the zero code; groups are contiguous in the original column order."""
+    are quantised to the zero code; groups are contiguous in the original column order. The
+    error fed back is that of the value the model computes with: ``(q - zp) * scale`` in ``w``'s dtype."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     rows, cols = w.shape
+    dtype = w.dtype
     pruned = w == 0
     W = w.double().clone()
     H = h.double().clone()
@@ -45,19 +47,20 @@ def obq_reference(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symme
     scale, zero = {}, {}
     if act_order:  # static groups: from the weight before any feedback
         for g0 in range(0, cols, group):
-            scale[g0], zero[g0] = params_by_hand(W[:, g0 : g0 + group], bits, symmetric)
+            scale[g0], zero[g0] = params_by_hand(W[:, g0 : g0 + group], bits, symmetric, dtype)
     codes = torch.zeros(rows, cols)
     left = list(order)
     for c in order:
         g0 = c - c % group
         if g0 not in scale:  # dynamic: the group's values now, pruned entries as 0
             scale[g0], zero[g0] = params_by_hand(W[:, g0 : g0 + group].masked_fill(pruned[:, g0 : g0 + group], 0),
-                                                 bits, symmetric)
+                                                 bits, symmetric, dtype)
         s, z = scale[g0].double(), zero[g0].double()
         q = torch.clamp(torch.round(W[:, c] / s + z), qmin, qmax)
         q[pruned[:, c]] = z[pruned[:, c]]
         codes[:, c] = q.float()
-        err = (W[:, c] - (q - z) * s) / Hinv[c, c]
+        value = ((q - z).to(dtype) * scale[g0]).double()
+        err = (W[:, c] - value) / Hinv[c, c]
         left.remove(c)
         W[:, left] -= err.unsqueeze(1) * Hinv[c, left].unsqueeze(0)
         Hinv -= Hinv[:, c : c + 1] @ Hinv[c : c + 1, :] / Hinv[c, c]
@@ -86,9 +89,11 @@ CASES = [  # bits, group, symmetric, act_order, blocksize
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,group,symmetric,act_order,blocksize", CASES)
-def test_gptq_equals_the_obq_reference(bits, group, symmetric, act_order, blocksize):
+def test_gptq_equals_the_obq_reference(bits, group, symmetric, act_order, blocksize, dtype):
     w, _, h = layer(seed=bits + group)
+    w = w.to(dtype)
     qc, fallbacks = gptq_quantize(w, h, bits, group, symmetric, blocksize=blocksize, act_order=act_order)
     expected = obq_reference(w, h, bits, group, symmetric, act_order)
     assert fallbacks == 0

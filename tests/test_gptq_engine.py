@@ -234,3 +234,17 @@ def test_a_calibrated_quantizer_that_moves_a_pruned_zero_fails_the_run(tokens_ge
     with pytest.raises(RunError, match=r"turned \d+ pruned zeros of block 0 'self_attn.q_proj' non-zero"):
         prune_model(build("llama"), tokens_gen(128, 2, 16), WandaPruner(WandaConfig()), LayerEngine(progress=False),
                     quantizer=Careless(CFG))
+
+
+def test_after_sparsegpt_2_4_the_pattern_survives_gptq(tokens_gen):
+    """SparseGPT updates the kept weights with H; GPTQ then quantizes with the same H."""
+    from wanda_pipeline.pruners.sparsegpt import SparseGPTConfig, SparseGPTPruner
+
+    model = build("llama", seed=6)
+    quantizer = GPTQQuantizer(GPTQConfig(bits=4, group_size=16, symmetric=False, act_order=True))
+    prune_model(model, tokens_gen(128, 3, 16), SparseGPTPruner(SparseGPTConfig(pattern="2:4")),
+                LayerEngine(progress=False), quantizer=quantizer)
+    for b, name, lin in named_linears(model):
+        weight = linear_weight_view(lin).detach()
+        assert bool(((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all()), f"block {b} {name}"
+        assert quantizer.codes_for(weight) is not None

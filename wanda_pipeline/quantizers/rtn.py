@@ -58,11 +58,13 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def quantize_codes(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> RTNCodes:
+def quantize_codes(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                   scale_dtype: torch.dtype | None = None) -> RTNCodes:
     """Codes, scales and zero points of ``weight`` (out, in) in groups of ``group_size`` columns
-    (the last group is zero-padded when ``group_size`` does not divide ``in``)."""
+    (the last group is zero-padded when ``group_size`` does not divide ``in``). Scales are
+    stored in ``scale_dtype`` (default: the weight's; gptq passes float32 values of a bf16 model)."""
     rows, cols = weight.shape
-    dtype = weight.dtype
+    dtype = scale_dtype or weight.dtype
     w = weight.detach().float()
     pad = (-cols) % group_size
     if pad:
