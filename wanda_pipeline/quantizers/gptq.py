@@ -65,7 +65,7 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_siz
     zero = None if symmetric else torch.zeros(rows, ngroups, device=W.device)
     perm = None
     if act_order:
-        static = quantize_codes(W, bits, group, symmetric)
+        static = quantize_codes(W, bits, group, symmetric, dtype)
         scale.copy_(static.scale)
         if zero is not None:
             zero.copy_(static.zero_point.float())
@@ -89,7 +89,7 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_siz
                 if end > i2:  # the group reaches past this batch: add the feedback still pending there
                     rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
                     values = torch.cat([values, rest], dim=1)
-                qc = quantize_codes(values.masked_fill(keep[:, col:end], 0), bits, end - col, symmetric)
+                qc = quantize_codes(values.masked_fill(keep[:, col:end], 0), bits, end - col, symmetric, dtype)
                 scale[:, g] = qc.scale[:, 0]
                 if zero is not None:
                     zero[:, g] = qc.zero_point[:, 0].float()
