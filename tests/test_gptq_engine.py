@@ -248,3 +248,19 @@ def test_after_sparsegpt_2_4_the_pattern_survives_gptq(tokens_gen):
         weight = linear_weight_view(lin).detach()
         assert bool(((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all()), f"block {b} {name}"
         assert quantizer.codes_for(weight) is not None
+
+
+def test_preflight_refuses_rtn_on_a_streamed_run_but_not_gptq():
+    from wanda_pipeline.config import PipelineSpec
+    from wanda_pipeline.plugins import discover
+    from wanda_pipeline.preflight import check_quantizer
+    from wanda_pipeline.stages import build_plugins
+
+    def problems(quantizer, stream):
+        spec = PipelineSpec(model={"source": "x"}, pruner={"name": "wanda"}, quantizer=quantizer,
+                            engine={"stream": stream})
+        return check_quantizer(spec, build_plugins(spec, discover()))
+
+    [problem] = problems({"name": "rtn", "bits": 4}, True)
+    assert isinstance(problem, ConfigError) and "use gptq" in str(problem) and "engine.stream" in str(problem)
+    assert problems({"name": "gptq"}, True) == problems({"name": "rtn"}, False) == []
