@@ -106,3 +106,31 @@ def test_the_shipped_serve_pipeline_quantizes_with_gptq_and_exports_for_vllm():
     assert spec.registration.folder_format == "compressed-tensors"
     gates = spec.registration.gates
     assert gates.max_ppl_ratio and gates.min_sparsity and gates.beat_champion == "ppl_wikitext2"
+
+
+@pytest.mark.slow
+@needs_data
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_gptq_champion_is_a_compressed_tensors_folder(tmp_path, tiny_dir):
+    """The serve pipeline's shape through the Prefect flow: prune, GPTQ in the same loop,
+    evaluate, export compressed-tensors, register and promote behind the gates."""
+    import mlflow
+
+    from wanda_pipeline.models import state_digest
+    from wanda_pipeline.orchestration.compress import compress
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = quick_spec(str(tiny_dir), uri, quantizer={"name": "gptq", "bits": 4, "group_size": 16},
+                      evaluators=[{"name": "perplexity", "seqlen": 128, "windows": 2}, {"name": "sparsity"}],
+                      register={"format": "compressed-tensors",
+                                "gates": {"max_ppl_ratio": 100.0, "min_sparsity": 0.49}})
+    summary = compress("tiny-gptq", spec)
+    assert summary["stages"] == ["preflight", "load", "preflight-export", "calibrate", "evaluate-dense", "prune",
+                                 "quantize", "evaluate", "register"]
+    assert summary["registration"]["promoted"] and summary["metrics"]["counter_quantizer_linears"] == 14
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny-gptq@champion", dst_path=str(tmp_path / "c"))
+    quant = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert quant["format"] == "pack-quantized" and quant["config_groups"]["group_0"]["weights"]["group_size"] == 16
+    loaded = AutoModelForCausalLM.from_pretrained(local, quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert state_digest(loaded) == summary["weights_digest"]
