@@ -19,6 +19,7 @@ from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.errors import ConfigError, PluginError, RunError
 from wanda_pipeline.export.compressed_tensors import preflight as export_preflight
 from wanda_pipeline.models import find_blocks, find_linears, linear_weight_view
+from wanda_pipeline.plugins import PluginConfig
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import PruneVisitor, finish_streaming, prune_model, streaming_io
 from wanda_pipeline.quantizers.calibrated import CalibratedQuantize
@@ -264,3 +265,42 @@ def test_preflight_refuses_rtn_on_a_streamed_run_but_not_gptq():
     [problem] = problems({"name": "rtn", "bits": 4}, True)
     assert isinstance(problem, ConfigError) and "use gptq" in str(problem) and "engine.stream" in str(problem)
     assert problems({"name": "gptq"}, True) == problems({"name": "rtn"}, False) == []
+
+
+class ColumnGrid:
+    """A third-party calibrated quantizer in miniature: a grid per input column, finer where
+    the column's inputs are larger; no codes record (so no compressed-tensors export)."""
+
+    class Config(PluginConfig):
+        pass
+
+    def __init__(self):
+        self.config, self.seen = self.Config(), 0
+
+    def required_stats(self):
+        return {"col_sq_norm"}
+
+    def quantize_weight(self, weight, stats):
+        self.seen += 1
+        step = 1 / (4 + stats["col_sq_norm"].sqrt())
+        return torch.round(weight / step) * step
+
+    def bits_per_weight(self, shape):
+        return 8.0
+
+
+def test_any_calibrated_quantizer_runs_in_the_loop_and_resumes(tokens_gen, tmp_path):
+    tokens = tokens_gen(128, 2, 16)
+    first = build("llama", seed=7)
+    q1 = ColumnGrid()
+    out = prune_model(first, tokens, MaskSpy(), LayerEngine(progress=False), checkpoint_dir=tmp_path / "ck",
+                      quantizer=q1)
+    assert q1.seen == out.quantized.linears == 4 * 7
+    again = build("llama", seed=7)
+    q2 = ColumnGrid()
+    resumed = prune_model(again, tokens, MaskSpy(), LayerEngine(progress=False), checkpoint_dir=tmp_path / "ck",
+                          quantizer=q2)
+    assert resumed.engine.resumed_at == 4 and q2.seen == 0 and resumed.quantized.zeros_before == \
+        out.quantized.zeros_before
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(),
+                                                  strict=True))

@@ -97,12 +97,14 @@ class CalibratedQuantize:
         for name, lin in linears.items():
             weight = linear_weight_view(lin)
             zeros = quantize_linear(self.quantizer, weight, stats.get(name, {}), f"block {index} {name!r}", self.tally)
-            scale, zero_point = self.quantizer.params_for(weight)
             state[f"{name}.weight"] = weight.detach().to("cpu", copy=True)
-            state[f"{name}.weight_scale"] = scale.detach().to("cpu")
-            if zero_point is not None:
-                state[f"{name}.weight_zero_point"] = zero_point.detach().to("cpu")
             state[f"{name}.pruned_zeros"] = torch.tensor([zeros], dtype=torch.int64)
+            params_for = getattr(self.quantizer, "params_for", None)  # quantizers that keep codes (for export)
+            found = params_for(weight) if params_for is not None else None
+            if found is not None:
+                state[f"{name}.weight_scale"] = found[0].detach().to("cpu")
+                if found[1] is not None:
+                    state[f"{name}.weight_zero_point"] = found[1].detach().to("cpu")
         self._state = (index, state)
         return True
 
@@ -116,7 +118,8 @@ class CalibratedQuantize:
             for name, lin in linears.items():
                 weight = linear_weight_view(lin)
                 weight.copy_(state[f"{name}.weight"].to(weight.device, weight.dtype))
-                self.quantizer.remember(weight, state[f"{name}.weight_scale"],
-                                        state.get(f"{name}.weight_zero_point"))
+                if f"{name}.weight_scale" in state:
+                    self.quantizer.remember(weight, state[f"{name}.weight_scale"],
+                                            state.get(f"{name}.weight_zero_point"))
                 self.tally.add(weight, int(state[f"{name}.pruned_zeros"]),
                                self.quantizer.bits_per_weight(tuple(weight.shape)))
