@@ -37,7 +37,7 @@ BAD = [
      ["pipelines.p.pruner.name: unknown pruner 'wandaa'", "available: ", "magnitude"]),
     ("unknown-evaluator", GOOD + "    evaluators: [{name: bleu}]\n", 3,
      ["pipelines.p.evaluators.0.name: unknown evaluator"]),
-    ("unknown-quantizer", GOOD + "    quantizer: {name: gptq}\n", 3, ["pipelines.p.quantizer.name: unknown quantizer"]),
+    ("unknown-quantizer", GOOD + "    quantizer: {name: awq}\n", 3, ["pipelines.p.quantizer.name: unknown quantizer"]),
     ("missing-model", "pipelines:\n  p:\n    pruner: {name: wanda}\n", 2, ["pipelines.p.model: required but missing"]),
     ("unknown-section", GOOD + "    prunner: {name: wanda}\n", 2, ["pipelines.p.prunner: unknown option"]),
     ("bad-cron", GOOD + "    schedule: {cron: '61 * * * *'}\n", 2, ["pipelines.p.schedule.cron", "not a valid cron"]),

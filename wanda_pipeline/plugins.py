@@ -97,7 +97,12 @@ class Evaluator(Protocol):
 class Quantizer(Protocol):
     """Quantises one linear weight (out_features, in_features) and returns the new
     (dequantised) weight; the quantize stage applies it layer by layer and checks that
-    every pruned zero stays zero."""
+    every pruned zero stays zero.
+
+    A *calibrated* quantizer (gptq) also has ``required_stats() -> set[str]``, as pruners do,
+    and takes them: ``quantize_weight(weight, stats)``. It then runs in the prune stage,
+    inside the engine's block loop, right after each linear is pruned, on the same
+    statistics (:mod:`wanda_pipeline.quantizers.calibrated`)."""
 
     Config: ClassVar[type[PluginConfig]]
     config: PluginConfig

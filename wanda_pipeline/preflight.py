@@ -16,9 +16,10 @@ from typing import Any
 
 from wanda_pipeline.config import PipelineSpec, SaveSpec
 from wanda_pipeline.data import local_document_file
-from wanda_pipeline.errors import DataError, OutputError, PreflightError, WandaPipelineError
+from wanda_pipeline.errors import ConfigError, DataError, OutputError, PreflightError, WandaPipelineError
 from wanda_pipeline.plugins import Registry, discover
 from wanda_pipeline.regional.visitor import block_level_problems
+from wanda_pipeline.quantizers.calibrated import calibrated_stats
 from wanda_pipeline.sourcecheck import SourceFacts, can_write, check_model, check_text_file
 from wanda_pipeline.stages import Plugins, build_plugins
 
@@ -49,8 +50,9 @@ def _offline(var: str) -> bool:
 def check_data(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]:
     problems: list[WandaPipelineError] = []
     cal = spec.calibration
-    # unknown pruner: assume it does; reconstruction needs the inputs too
-    needs_data = plugins.pruner is None or plugins.pruner.required_stats() or spec.reconstruct is not None
+    # unknown pruner: assume it needs data; reconstruction and a calibrated quantizer (gptq) do
+    needs_data = (plugins.pruner is None or plugins.pruner.required_stats() or spec.reconstruct is not None
+                  or calibrated_stats(plugins.quantizer))
     if needs_data and cal.source != "self":
         local = local_document_file(cal.source, "train", cal.path)
         if local is not None:
@@ -61,6 +63,16 @@ def check_data(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]
     for key, ev in plugins.evaluators.items():
         problems += _evaluator_data(key, ev.config)
     return problems
+
+
+def check_quantizer(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]:
+    """A calibration-free quantizer runs on the finished model, which a streamed run never holds."""
+    q = plugins.quantizer
+    if spec.engine.stream and q is not None and not calibrated_stats(q):
+        return [ConfigError(f"quantizer {spec.quantizer.name!r} quantizes the finished model, which a streamed run "
+                            f"(engine.stream) never holds in memory; use gptq (it quantizes inside the block loop) "
+                            f"or drop engine.stream")]
+    return []
 
 
 def _evaluator_data(key: str, cfg: Any) -> list[WandaPipelineError]:
@@ -190,6 +202,7 @@ def preflight(spec: PipelineSpec, tracker=None, outputs: list[Output] | None = N
     problems += check_data(spec, plugins) + check_seqlens(spec, plugins, facts) + check_devices(spec, plugins)
     if plugins.pruner is not None:
         problems += block_level_problems(plugins.pruner, spec.reconstruct, spec.engine.passes, spec.pruner.name)
+    problems += check_quantizer(spec, plugins)
     outs = list(outputs if outputs is not None else spec_outputs(spec))
     for o in outs:
         o.needs_bytes = o.needs_bytes or (facts.weight_bytes if "folder" in o.what and "log" not in o.what else 0)

@@ -28,6 +28,7 @@ from wanda_pipeline.engine.source import STREAM_ATTR
 from wanda_pipeline.errors import PluginError
 from wanda_pipeline.models import linear_weight_view
 from wanda_pipeline.plugins import Pruner
+from wanda_pipeline.quantizers.calibrated import CalibratedQuantize, QuantTally, calibrated_stats
 from wanda_pipeline.settings import cache_dir
 from wanda_pipeline.sparsity import apply_mask, pattern_sparsity
 
@@ -39,6 +40,7 @@ class PruneOutcome:
     counters: dict[str, float] = field(default_factory=dict)
     checkpoint_dir: str | None = None
     streamed_to: str | None = None  # streaming: the folder the pruned shards were written to
+    quantized: QuantTally | None = None  # a calibrated quantizer ran in the block loop
 
 
 class PruneVisitor:
@@ -100,21 +102,28 @@ class PruneVisitor:
 
 
 def run_fingerprint(source: BlockSource, tokens: torch.Tensor | None, pruner: Pruner,
-                    allocation: AllocationConfig, engine: LayerEngine, reconstruct: BaseModel | None = None) -> dict:
+                    allocation: AllocationConfig, engine: LayerEngine, quantizer=None,
+                    reconstruct: BaseModel | None = None) -> dict:
     """What must match for a checkpoint to be resumed."""
-    # only when set, so the fingerprints (and auto folders) of runs without it stay as they were
-    extra = {"reconstruct": reconstruct.model_dump(mode="json")} if reconstruct is not None else {}
-    return {
-        **extra,
+    found = {
         "model": source.fingerprint(),
         "calibration": tokens_digest(tokens) if tokens is not None else None,
-        "pruner": {"class": f"{type(pruner).__module__}.{type(pruner).__qualname__}",
-                   **pruner.config.model_dump(mode="json")},
+        "pruner": _plugin_id(pruner),
         "allocation": allocation.model_dump(mode="json"),
         "linears": {"include": engine.include, "exclude": engine.exclude},
         "batch_size": engine.batch_size,
         "passes": engine.passes,
     }
+    # only when set: earlier runs' checkpoints (and auto folders) keep their fingerprint
+    if quantizer is not None:
+        found["quantizer"] = _plugin_id(quantizer)
+    if reconstruct is not None:
+        found["reconstruct"] = reconstruct.model_dump(mode="json")
+    return found
+
+
+def _plugin_id(plugin) -> dict:
+    return {"class": f"{type(plugin).__module__}.{type(plugin).__qualname__}", **plugin.config.model_dump(mode="json")}
 
 
 def auto_checkpoint_dir(fingerprint: dict) -> Path:
@@ -133,22 +142,25 @@ def prune_model(
     resume: bool = True,
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
+    quantizer=None,
     reconstruct: BaseModel | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` block by block. ``checkpoint_dir`` ("auto": a cache folder keyed by the
     run's fingerprint) makes the run resumable; ``source``/``sink`` stream weights from and to
-    shards (default: the model in memory); ``reconstruct`` (a
-    :class:`~wanda_pipeline.regional.config.ReconstructConfig`) fits each masked block to the
+    shards (default: the model in memory). A calibrated ``quantizer`` (one that declares
+    statistics) quantizes each linear right after it is pruned, in the same loop; ``reconstruct``
+    (a :class:`~wanda_pipeline.regional.config.ReconstructConfig`) fits each masked block to the
     dense block's outputs."""
     from wanda_pipeline.regional.visitor import BlockPruneVisitor, block_level_problems, is_block_level
 
     allocation = allocation or AllocationConfig()
     source = source or ModelSource(model)
     target = pattern_sparsity(pruner.config.pattern, pruner.config.sparsity)
-    visitor_stats = set(pruner.required_stats())
+    quantizer = quantizer if calibrated_stats(quantizer) else None
     block_level = is_block_level(pruner, reconstruct)
-    if (visitor_stats or block_level) and tokens is None:
-        raise PluginError("this pruner needs calibration data, but none was given")
+    if (pruner.required_stats() or block_level or quantizer is not None) and tokens is None:
+        raise PluginError(f"this {'quantizer' if quantizer is not None else 'pruner'} needs calibration data, "
+                          "but none was given")
     problems = block_level_problems(pruner, reconstruct, engine.passes, type(pruner).__name__)
     if problems:
         raise problems[0]
@@ -158,16 +170,20 @@ def prune_model(
         engine.run(model, tokens, scan, source=source, sink=_Release(source))
         outliers = scan.ratios
     ratios = block_ratios(allocation, len(source.blocks), target, outliers)
-    visitor = BlockPruneVisitor(pruner, ratios, reconstruct) if block_level else PruneVisitor(pruner, ratios)
+    prune_visitor = BlockPruneVisitor(pruner, ratios, reconstruct) if block_level else PruneVisitor(pruner, ratios)
+    visitor = CalibratedQuantize(prune_visitor, quantizer) if quantizer is not None else prune_visitor
     checkpoint = None
     if checkpoint_dir is not None:
-        fingerprint = run_fingerprint(source, tokens, pruner, allocation, engine, reconstruct)
+        fingerprint = run_fingerprint(source, tokens, pruner, allocation, engine, quantizer, reconstruct)
         folder = auto_checkpoint_dir(fingerprint) if str(checkpoint_dir) == "auto" else Path(checkpoint_dir)
         checkpoint = Checkpoint(folder, fingerprint, resume=resume)
     report = engine.run(model, tokens, visitor, source=source, sink=sink, checkpoint=checkpoint)
-    counters = {**(getattr(pruner, "counters", {}) or {}), **getattr(visitor, "counters", {})}
+    counters = {**(getattr(pruner, "counters", {}) or {}), **getattr(prune_visitor, "counters", {})}
+    if quantizer is not None:
+        counters.update({f"quantizer_{k}": v for k, v in (getattr(quantizer, "counters", {}) or {}).items()})
     return PruneOutcome(block_ratios=ratios, engine=report, counters=counters,
-                        checkpoint_dir=str(checkpoint.folder) if checkpoint else None)
+                        checkpoint_dir=str(checkpoint.folder) if checkpoint else None,
+                        quantized=visitor.tally if quantizer is not None else None)
 
 
 class _Release:

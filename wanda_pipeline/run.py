@@ -20,6 +20,7 @@ from wanda_pipeline import __version__, stages
 from wanda_pipeline.config import PipelineSpec, SaveSpec
 from wanda_pipeline.errors import WandaPipelineError, stage_failure
 from wanda_pipeline.preflight import Checked, Output, preflight
+from wanda_pipeline.quantizers.calibrated import calibrated_stats
 
 StageRunner = Callable[..., Any]
 
@@ -99,7 +100,9 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
             timed("preflight-export", export_preflight, loaded.model, plugins.quantizer, spec.engine.include,
                   spec.engine.exclude)
         windows = None
-        if plugins.pruner.required_stats() or spec.reconstruct is not None:  # reconstruction needs inputs too
+        calibrated = plugins.quantizer if calibrated_stats(plugins.quantizer) else None  # quantizes while pruning
+        # reconstruction and a calibrated quantizer need the inputs too
+        if plugins.pruner.required_stats() or spec.reconstruct is not None or calibrated is not None:
             key = stages.calibration_key(spec.calibration, loaded)
             windows = timed("calibrate", stages.calibrate, spec.calibration, loaded, cache_key=key)
         target = plugins.pruner.config.target_sparsity
@@ -127,12 +130,13 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         scored = {k: v for k, v in plugins.evaluators.items() if k != "sparsity"}
         if spec.dense_baseline and not dense and scored:
             dense = _metrics_of(timed("evaluate-dense", stages.evaluate, loaded.model, loaded.tokenizer, scored))
-        outcome = timed("prune", stages.prune, loaded, windows, plugins.pruner, spec, progress)
+        outcome = timed("prune", stages.prune, loaded, windows, plugins.pruner, spec, progress, calibrated)
         metrics: dict[str, float] = {f"counter_{k}": v for k, v in outcome.counters.items()}
         if plugins.quantizer is not None:
-            q = timed("quantize", stages.quantize, loaded.model, plugins.quantizer, spec.engine)
+            q = timed("quantize", stages.quantize, loaded.model, plugins.quantizer, spec.engine, outcome)
             metrics.update({"quant_bits_per_weight": q.bits_per_weight, "quant_model_bytes": q.model_bytes,
-                            "quant_dense_model_bytes": q.dense_model_bytes, "quant_zeros_kept": q.zeros_after})
+                            "quant_dense_model_bytes": q.dense_model_bytes, "quant_zeros_kept": q.zeros_after,
+                            "quant_seconds": q.seconds})
         results = timed("evaluate", stages.evaluate, loaded.model, loaded.tokenizer, plugins.evaluators)
         from wanda_pipeline.models import state_digest
 

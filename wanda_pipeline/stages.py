@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from wanda_pipeline.config import CalibrationSpec, EngineSpec, ModelSpec, PipelineSpec, SaveSpec
@@ -24,6 +23,7 @@ from wanda_pipeline.errors import OutputError, PluginError, RunError, WandaPipel
 from wanda_pipeline.models import ModelInfo, find_blocks, find_linears, linear_weight_view, load_model
 from wanda_pipeline.plugins import EvalResult, Registry
 from wanda_pipeline.pruning import PruneOutcome, finish_streaming, prune_model, streaming_io
+from wanda_pipeline.quantizers.calibrated import QuantTally, calibrated_stats, quantize_linear
 
 
 @dataclass
@@ -50,6 +50,7 @@ class QuantizeReport:
     quantized_linears: int
     zeros_before: int
     zeros_after: int
+    seconds: float = 0.0  # in the quantizer itself (a calibrated one runs inside the prune stage)
 
 
 def build_plugins(spec: PipelineSpec, registry: Registry,
@@ -120,54 +121,41 @@ def make_engine(spec: EngineSpec, progress: bool = True) -> LayerEngine:
 
 
 def prune(loaded: Loaded, windows: Windows | None, pruner: Any, spec: PipelineSpec,
-          progress: bool = True) -> PruneOutcome:
+          progress: bool = True, quantizer: Any = None) -> PruneOutcome:
+    """Prune (and, for a calibrated ``quantizer``, quantize in the same block loop)."""
     tokens = windows.tokens if windows is not None else None
     e = spec.engine
     io = streaming_io(loaded.model, spec.save.path if spec.save else None)
     outcome = prune_model(loaded.model, tokens, pruner, make_engine(e, progress), spec.allocation,
                           checkpoint_dir=e.checkpoint_dir, resume=e.resume, reconstruct=spec.reconstruct,
-                          source=io[0] if io else None, sink=io[1] if io else None)
+                          source=io[0] if io else None, sink=io[1] if io else None, quantizer=quantizer)
     if io:
         finish_streaming(loaded.model, io, outcome)
     return outcome
 
 
-def quantize(model: nn.Module, quantizer: Any, engine: EngineSpec) -> QuantizeReport:
-    """Quantise every prunable linear, one at a time, and fail if a pruned zero moved."""
-    _, blocks = find_blocks(model)
-    total_bits = 0.0
-    quant_numel = 0
-    zeros_before = zeros_after = 0
-    count = 0
-    for b, block in enumerate(blocks):
-        for name, lin in find_linears(block, engine.include, engine.exclude).items():
-            weight = linear_weight_view(lin)
-            zero = weight == 0
-            try:
-                new = quantizer.quantize_weight(weight.detach().clone())
-            except Exception as exc:
-                raise PluginError(f"quantizer {type(quantizer).__name__} crashed on block {b} {name!r}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-            if new.shape != weight.shape:
-                raise PluginError(f"quantizer {type(quantizer).__name__} changed the shape of {name!r}")
-            moved = int((new[zero] != 0).sum())
-            if moved:
-                raise RunError(f"quantizer {type(quantizer).__name__} turned {moved} pruned zeros of block {b} "
-                               f"{name!r} non-zero; a quantizer must keep the sparsity mask")
-            with torch.no_grad():
-                weight.copy_(new)
-            zeros_before += int(zero.sum())
-            zeros_after += int((weight == 0).sum())
-            total_bits += quantizer.bits_per_weight(tuple(weight.shape)) * weight.numel()
-            quant_numel += weight.numel()
-            count += 1
+def quantize(model: nn.Module, quantizer: Any, engine: EngineSpec,
+             outcome: PruneOutcome | None = None) -> QuantizeReport:
+    """Quantise every prunable linear, one at a time, and fail if a pruned zero moved. A
+    calibrated quantizer already ran inside the prune stage's block loop: report what it did."""
+    if calibrated_stats(quantizer):
+        if outcome is None or outcome.quantized is None:
+            raise RunError(f"quantizer {type(quantizer).__name__} is calibrated: it runs in the prune stage "
+                           "(pass it to stages.prune), not on a finished model")
+        tally = outcome.quantized
+    else:
+        tally = QuantTally()
+        _, blocks = find_blocks(model)
+        for b, block in enumerate(blocks):
+            for name, lin in find_linears(block, engine.include, engine.exclude).items():
+                quantize_linear(quantizer, linear_weight_view(lin), None, f"block {b} {name!r}", tally)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    quant_bytes_dense = quant_numel * next(model.parameters()).element_size()
-    model_bytes = int(dense_bytes - quant_bytes_dense + total_bits / 8)
+    quant_bytes_dense = tally.numel * next(model.parameters()).element_size()
+    model_bytes = int(dense_bytes - quant_bytes_dense + tally.bits / 8)
     return QuantizeReport(
-        bits_per_weight=total_bits / quant_numel if quant_numel else 0.0,
-        model_bytes=model_bytes, dense_model_bytes=dense_bytes, quantized_linears=count,
-        zeros_before=zeros_before, zeros_after=zeros_after,
+        bits_per_weight=tally.bits / tally.numel if tally.numel else 0.0,
+        model_bytes=model_bytes, dense_model_bytes=dense_bytes, quantized_linears=tally.linears,
+        zeros_before=tally.zeros_before, zeros_after=tally.zeros_after, seconds=tally.seconds,
     )
 
 

@@ -1,6 +1,6 @@
 """Export in the compressed-tensors format that vLLM and transformers load.
 
-Quantised (RTN int4/int8, symmetric or asymmetric, per group or per row): the quantised
+Quantised (RTN or GPTQ int4/int8, symmetric or asymmetric, per group or per row): the quantised
 linears are written ``pack-quantized`` (codes packed into int32 words, ``weight_scale``,
 packed ``weight_zero_point`` when asymmetric, ``weight_shape``) by compressed-tensors' own
 ``PackedQuantizationCompressor``, and ``config.json`` gets the ``quantization_config`` that
@@ -51,10 +51,15 @@ def check_group_size(in_features: dict[str, int], group_size: int) -> int | None
 
 
 def _check_quantizer(model: nn.Module, quantizer: Any) -> None:
+    from wanda_pipeline.engine.source import STREAM_ATTR
+
     _require_library()
     if not hasattr(quantizer, "codes_for"):
         raise ConfigError(f"quantizer {type(quantizer).__name__} does not expose its integer codes (`codes_for`); "
-                          f"the compressed-tensors format needs them. Use the rtn quantizer or format 'hf'")
+                          f"the compressed-tensors format needs them. Use the rtn or gptq quantizer or format 'hf'")
+    if getattr(model, STREAM_ATTR, None):  # its weights are in shards, never whole in memory
+        raise ConfigError("a streamed model (engine.stream) cannot be exported quantized in compressed-tensors "
+                          "format yet; save it as format 'hf' (the quantized weights, dequantised) or drop stream")
     if any(type(m).__name__ == "Conv1D" for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} uses Conv1D linears, which compressed-tensors does not pack; "
                           f"export it unquantised or as format 'hf'")

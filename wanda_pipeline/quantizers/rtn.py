@@ -58,11 +58,13 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def quantize_codes(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> RTNCodes:
+def quantize_codes(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                   scale_dtype: torch.dtype | None = None) -> RTNCodes:
     """Codes, scales and zero points of ``weight`` (out, in) in groups of ``group_size`` columns
-    (the last group is zero-padded when ``group_size`` does not divide ``in``)."""
+    (the last group is zero-padded when ``group_size`` does not divide ``in``). Scales are
+    stored in ``scale_dtype`` (default: the weight's; gptq passes float32 values of a bf16 model)."""
     rows, cols = weight.shape
-    dtype = weight.dtype
+    dtype = scale_dtype or weight.dtype
     w = weight.detach().float()
     pad = (-cols) % group_size
     if pad:
@@ -128,22 +130,29 @@ def recover_codes(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return best if bool(good.all()) else None
 
 
-class RTNQuantizer:
-    Config: ClassVar[type[RTNConfig]] = RTNConfig
+class GroupedIntQuantizer:
+    """What every grouped-integer quantizer shares: the config fields ``bits``, ``group_size``,
+    ``symmetric``, ``scale_bits``; the record of each result's scales and zero points (so an
+    exporter recovers the exact codes); the size report."""
 
-    def __init__(self, config: RTNConfig | None = None):
-        self.config = config or RTNConfig()
+    config: RTNConfig
+
+    def __init__(self, config):
+        self.config = config
         self._params: dict[str, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
 
     def group_size_for(self, in_features: int) -> int:
         return min(self.config.group_size, in_features)
 
-    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        qc = quantize_codes(weight, c.bits, self.group_size_for(weight.shape[1]), c.symmetric)
-        out = qc.dequantize().to(weight.dtype)
-        self._params[weight_digest(out)] = (qc.scale, qc.zero_point, qc.group_size)
-        return out
+    def remember(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Record that ``weight`` (dequantised) has these per-group scales and zero points."""
+        zero_point = zero_point.detach().cpu() if zero_point is not None else None  # exporters work on the CPU
+        self._params[weight_digest(weight)] = (scale.detach().cpu(), zero_point, self.group_size_for(weight.shape[1]))
+
+    def params_for(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(scale, zero point) recorded for this exact weight, or None."""
+        params = self._params.get(weight_digest(weight))
+        return None if params is None else params[:2]
 
     def codes_for(self, weight: torch.Tensor) -> RTNCodes | None:
         """Codes, scales and zero points of a weight this quantizer produced, exact to the bit;
@@ -159,3 +168,17 @@ class RTNQuantizer:
         group = min(c.group_size, shape[1])
         per_group = c.scale_bits * (1 if c.symmetric else 2)
         return c.bits + per_group / group
+
+
+class RTNQuantizer(GroupedIntQuantizer):
+    Config: ClassVar[type[RTNConfig]] = RTNConfig
+
+    def __init__(self, config: RTNConfig | None = None):
+        super().__init__(config or RTNConfig())
+
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        qc = quantize_codes(weight, c.bits, self.group_size_for(weight.shape[1]), c.symmetric)
+        out = qc.dequantize().to(weight.dtype)
+        self.remember(out, qc.scale, qc.zero_point)
+        return out
