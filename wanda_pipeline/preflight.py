@@ -18,8 +18,8 @@ from wanda_pipeline.config import PipelineSpec, SaveSpec
 from wanda_pipeline.data import local_document_file
 from wanda_pipeline.errors import ConfigError, DataError, OutputError, PreflightError, WandaPipelineError
 from wanda_pipeline.plugins import Registry, discover
-from wanda_pipeline.regional.visitor import block_level_problems
 from wanda_pipeline.quantizers.calibrated import calibrated_stats
+from wanda_pipeline.regional.visitor import block_level_problems
 from wanda_pipeline.sourcecheck import SourceFacts, can_write, check_model, check_text_file
 from wanda_pipeline.stages import Plugins, build_plugins
 
