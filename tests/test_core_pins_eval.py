@@ -69,7 +69,10 @@ def test_perplexity_evaluator_reports_the_protocol(tmp_path):
     config = PerplexityConfig(dataset="c4", path=str(tmp_path / "eval.txt"), seqlen=16, windows=3)
     result = PerplexityEvaluator(config).evaluate(TableLM(table), Tok())
     tokens = Tok()(" ".join("ab" * (i % 5) for i in range(70)), return_tensors="pt").input_ids[0].tolist()
-    assert result.metrics == {"ppl_c4": pytest.approx(ppl_by_hand(table, tokens, 16, 3), rel=1e-6)}
+    assert result.metrics["ppl_c4"] == pytest.approx(ppl_by_hand(table, tokens, 16, 3), rel=1e-6)
+    assert set(result.metrics) == {f"ppl_c4{s}" for s in ("", "_stderr", "_ci_low", "_ci_high", "_n", "_tokens")}
+    assert (result.metrics["ppl_c4_n"], result.metrics["ppl_c4_tokens"]) == (3, 48)
+    assert result.metrics["ppl_c4_ci_low"] <= result.metrics["ppl_c4"] <= result.metrics["ppl_c4_ci_high"]
     p = result.protocol
     assert (p["seqlen"], p["windows"], p["windows_available"], p["tokens"]) == (16, 3, 4, 48)
     assert (p["split"], p["join"], p["dtype"]) == ("validation", " ", "float32")

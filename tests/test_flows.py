@@ -68,7 +68,7 @@ def test_flow_runs_every_stage_and_tracks_it(registry):
     # The registered model reproduces the perplexity from the registry alone.
     tracker = MLflowTracker(registry, "tests")
     model, tok = tracker.load_model("models:/smollm2-demo@champion")
-    ppl = perplexity(model, wikitext2_test_tokens(tok), 128, 3, progress=False)[0]
+    ppl = perplexity(model, wikitext2_test_tokens(tok), 128, 8, progress=False)[0]
     assert ppl == pytest.approx(m["ppl_wikitext2"], rel=1e-6)
     assert state_digest(model) == summary["weights_digest"] == run.data.tags["weights_digest"]
     same, _ = tracker.load_model(summary["model_uri"])

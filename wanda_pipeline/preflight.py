@@ -186,6 +186,7 @@ def preflight(spec: PipelineSpec, tracker=None, outputs: list[Output] | None = N
     facts, model_problems = check_model(spec.model)
     problems += model_problems
     problems += check_data(spec, plugins) + check_seqlens(spec, plugins, facts) + check_devices(spec, plugins)
+    problems += _gates(spec, plugins)
     outs = list(outputs if outputs is not None else spec_outputs(spec))
     for o in outs:
         o.needs_bytes = o.needs_bytes or (facts.weight_bytes if "folder" in o.what and "log" not in o.what else 0)
@@ -208,4 +209,11 @@ def static_problems(spec: PipelineSpec, registry: Registry) -> tuple[list[WandaP
     problems: list[WandaPipelineError] = []
     plugins = build_plugins(spec, registry, problems)
     facts, _ = check_model(spec.model)
-    return check_seqlens(spec, plugins, facts), [str(p) for p in check_devices(spec, plugins)]
+    return check_seqlens(spec, plugins, facts) + _gates(spec, plugins), [str(p) for p in check_devices(spec, plugins)]
+
+
+def _gates(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]:
+    """Gates that can never pass; only once every evaluator was made (else the plugin error says it)."""
+    from wanda_pipeline.tracking.gate_checks import gate_problems
+
+    return list(gate_problems(spec, plugins.evaluators)) if len(plugins.evaluators) == len(spec.evaluators) else []
