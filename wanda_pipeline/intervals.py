@@ -20,6 +20,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+# Metrics an evaluator logs next to a metric M: M_stderr, M_ci_low, M_ci_high, M_n, M_tokens.
+COMPANIONS = ("_stderr", "_ci_low", "_ci_high", "_n", "_tokens")
 BOOTSTRAP_ITERS = 2000
 BOOTSTRAP_SEED = 0
 _CHUNK = 200  # resamples drawn at once: bounds memory to _CHUNK x examples indices
@@ -39,6 +41,16 @@ class Interval:
     def text(self, digits: int = 4) -> str:
         return (f"{self.point:.{digits}g} [{self.low:.{digits}g}, {self.high:.{digits}g}] "
                 f"({self.confidence:.0%}, n={self.n})")
+
+
+def is_companion(key: str, metrics: dict) -> bool:
+    """True for ``M_stderr`` and the like when ``M`` itself is in ``metrics`` (or ``M_acc`` for ``M_n``)."""
+    for suffix in COMPANIONS:
+        if key.endswith(suffix):
+            base = key[: -len(suffix)]
+            if base in metrics or (suffix == "_n" and f"{base}_acc" in metrics):
+                return True
+    return False
 
 
 def z_value(confidence: float) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 from wanda_pipeline import __version__, stages
 from wanda_pipeline.config import PipelineSpec, SaveSpec
 from wanda_pipeline.errors import WandaPipelineError, stage_failure
+from wanda_pipeline.intervals import is_companion
 from wanda_pipeline.preflight import Checked, Output, preflight
 
 StageRunner = Callable[..., Any]
@@ -145,7 +146,7 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         result.weights_digest = "" if outcome.streamed_to else state_digest(loaded.model)
         metrics.update(_metrics_of(results))
         for k, v in dense.items():
-            if k in metrics and v:
+            if k in metrics and v and not is_companion(k, dense):  # no ratio of two stderrs
                 metrics[f"{k}_vs_dense"] = metrics[k] / v
         result.metrics = {k: v for k, v in metrics.items() if not k.startswith("sparsity_block_")}
         result.dense, result.block_targets = dense, outcome.block_ratios
