@@ -104,3 +104,18 @@ def test_mcnemar_exact_is_a_two_sided_binomial_test(a, b):
 def test_min_paired_examples_is_the_first_n_whose_best_outcome_reaches_the_confidence(confidence):
     first = next(n for n in range(1, 100) if iv.mcnemar_exact(n, 0) <= 1 - confidence)
     assert iv.min_paired_examples(confidence) == first
+
+
+def test_summary_rows_fold_stderr_interval_and_n_into_their_metric():
+    from wanda_pipeline.console import metric_rows
+
+    metrics = {"ppl_wikitext2": 25.0, "ppl_wikitext2_stderr": 0.3, "ppl_wikitext2_ci_low": 24.4,
+               "ppl_wikitext2_ci_high": 25.6, "ppl_wikitext2_n": 32.0, "ppl_wikitext2_tokens": 65536.0,
+               "zeroshot_rte_acc": 0.5, "zeroshot_rte_acc_stderr": 0.03, "zeroshot_rte_n": 277.0,
+               "sparsity_total": 0.5, "ppl_wikitext2_vs_dense": 1.2}
+    assert metric_rows(metrics) == [
+        {"metric": "ppl_wikitext2", "value": 25.0, "± stderr": 0.3, "95% interval": "[24.4, 25.6]", "n": 32},
+        {"metric": "zeroshot_rte_acc", "value": 0.5, "± stderr": 0.03, "95% interval": "[0.4412, 0.5588]", "n": 277},
+        {"metric": "sparsity_total", "value": 0.5},
+        {"metric": "ppl_wikitext2_vs_dense", "value": 1.2},
+    ]
