@@ -64,6 +64,14 @@ def test_zeroshot_scores_carry_stderr_n_and_the_mean_with_its_stderr():
     assert rows[1] == {"task": "rte", "n": 6, "acc": pr, "acc_stderr": pytest.approx(se_r)}
 
 
+def test_a_task_without_logged_samples_is_not_paired():
+    answer = lm_eval_answer({"boolq": [1, 0, 1], "rte": [0, 1, 1, 1]})
+    answer["samples"].pop("rte")  # a hub group task logs its samples under its subtasks
+    answer["n-samples"] = {"rte": {"effective": 4}}
+    metrics, _, examples = scores(answer, ["boolq", "rte"])
+    assert metrics["zeroshot_rte_n"] == 4 and set(examples) == {"zeroshot_boolq_acc"}
+
+
 def test_perplexity_interval_is_a_seeded_bootstrap_close_to_the_delta_method():
     rng = np.random.default_rng(5)
     nll = rng.normal(3.0, 0.4, size=64)

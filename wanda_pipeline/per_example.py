@@ -62,6 +62,8 @@ def pair(metric: str, a: Mapping[str, dict], b: Mapping[str, dict], who: str = "
         if eb.get("kind") != "mean_of" or list(eb.get("parts", [])) != list(ea["parts"]):
             return [], f"{metric!r} is a mean over other tasks in {who} ({eb.get('parts')} vs {ea['parts']})"
         groups: list[tuple[list[float], list[float]]] = []
+        if not ea["parts"]:
+            return [], f"{metric!r} is a mean over no tasks"
         for part in ea["parts"]:
             g, problem = pair(part, a, b, who)
             if problem:
@@ -77,5 +79,7 @@ def pair(metric: str, a: Mapping[str, dict], b: Mapping[str, dict], who: str = "
     if ea.get("digest") != eb.get("digest"):
         return [], (f"{metric!r}: the examples have the same ids but different contents in {who} (another data "
                     f"file, tokenizer or prompt); they cannot be paired")
+    if not ids_a:
+        return [], f"{metric!r} has no examples"
     by_id = dict(zip(ids_b, eb["values"], strict=True))
     return [([float(v) for v in ea["values"]], [float(by_id[i]) for i in ids_a])], ""

@@ -189,20 +189,24 @@ def scores(out: dict, tasks: list[str]) -> tuple[dict[str, float], list[dict], d
         samples = sorted(out.get("samples", {}).get(task, []), key=lambda x: x["doc_id"])
         ids = [x["doc_id"] for x in samples]
         content = digest(f"{x['doc_id']}:{x['doc_hash']}:{x['prompt_hash']}:{x['target_hash']}" for x in samples)
-        row: dict[str, Any] = {"task": task, "n": len(samples)}
+        n = len(samples) or int(out.get("n-samples", {}).get(task, {}).get("effective", 0))
+        row: dict[str, Any] = {"task": task, "n": n}
         for m in ("acc", "acc_norm"):
             if f"{m},none" in res:
                 row[m] = float(res[f"{m},none"])
                 row[f"{m}_stderr"] = float(res.get(f"{m}_stderr,none", float("nan")))
                 metrics[f"zeroshot_{task}_{m}"] = row[m]
                 metrics[f"zeroshot_{task}_{m}_stderr"] = row[f"{m}_stderr"]
-                examples[f"zeroshot_{task}_{m}"] = {"kind": "correct", "ids": ids, "digest": content,
-                                                    "values": [int(float(x[m]) > 0.5) for x in samples]}
-        metrics[f"zeroshot_{task}_n"] = float(len(samples))
+                if samples:  # a group task (hub) logs its samples under its subtasks: no pairing then
+                    examples[f"zeroshot_{task}_{m}"] = {"kind": "correct", "ids": ids, "digest": content,
+                                                        "values": [int(float(x[m]) > 0.5) for x in samples]}
+        metrics[f"zeroshot_{task}_n"] = float(n)
         rows.append(row)
     mean = sum(r["acc"] for r in rows) / len(rows)
     ci = normal_interval(mean, mean_of_tasks_stderr([r["acc_stderr"] for r in rows]), sum(r["n"] for r in rows))
     metrics.update({"zeroshot_mean": mean, "zeroshot_mean_stderr": ci.stderr, "zeroshot_mean_ci_low": ci.low,
                     "zeroshot_mean_ci_high": ci.high, "zeroshot_mean_n": float(ci.n)})
-    examples["zeroshot_mean"] = {"kind": "mean_of", "parts": [f"zeroshot_{t}_acc" for t in tasks]}
+    parts = [f"zeroshot_{t}_acc" for t in tasks]
+    if all(p in examples for p in parts):
+        examples["zeroshot_mean"] = {"kind": "mean_of", "parts": parts}
     return metrics, rows, examples
