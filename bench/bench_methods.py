@@ -3,9 +3,11 @@ every row. Dense, magnitude, Wanda and SparseGPT at 50% unstructured, 2:4 and 4:
 OWL+Wanda at 60% and 70%; Wanda 50% with int8 and int4 RTN.
 
 On CPU the evaluation is a fixed slice: the first K WikiText-2 windows of 2048 tokens and
-the first N examples of each zero-shot task. Both are recorded with the results.
+the first N examples of each zero-shot task (0: all of them). Both are recorded with the results,
+and every number with its interval (docs/evaluation.md): perplexity with its 95% bootstrap
+interval over windows, accuracies with lm-eval's standard error.
 
-    python bench/bench_methods.py --eval-windows 8 --zeroshot-limit 50
+    python bench/bench_methods.py --eval-windows 32 --zeroshot-limit 500
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-seqlen", type=int, default=2048)
-    p.add_argument("--eval-windows", type=int, default=8)
-    p.add_argument("--zeroshot-limit", type=int, default=50)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--zeroshot-limit", type=int, default=500, help="examples per task; 0: every example")
     p.add_argument("--rows", nargs="*", help="labels to run (default: all)")
     p.add_argument("--tag", default="methods")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the saved .json")
@@ -72,7 +74,8 @@ def main() -> None:
             calibration={"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
             allocation=allocation or {}, quantizer=quantizer, dense_baseline=False, register={"enabled": False},
             evaluators=[{"name": "perplexity", "seqlen": args.eval_seqlen, "windows": args.eval_windows},
-                        {"name": "zeroshot", "limit": args.zeroshot_limit, "batch_size": 8}, {"name": "sparsity"}])
+                        {"name": "zeroshot", "limit": args.zeroshot_limit or None, "batch_size": 8},
+                        {"name": "sparsity"}])
         result = execute(spec, pipeline=label, progress=False)  # the same seed and source give the same windows
         m = result.metrics
         row = {"method": label, "block_ratios": result.block_targets, "seconds": result.seconds,
@@ -80,7 +83,13 @@ def main() -> None:
                "zeroshot_mean": m["zeroshot_mean"], "sparsity": m["sparsity_total"],
                "zeroshot": {k.removeprefix("zeroshot_").removesuffix("_acc"): v for k, v in m.items()
                             if k.startswith("zeroshot_") and k.endswith("_acc")},
-               "counters": {k: v for k, v in m.items() if k.startswith("counter_")}}
+               "counters": {k: v for k, v in m.items() if k.startswith("counter_")},
+               "ppl_ci": [m.get("ppl_wikitext2_ci_low"), m.get("ppl_wikitext2_ci_high")],
+               "zeroshot_mean_stderr": m.get("zeroshot_mean_stderr"),
+               "zeroshot_stderr": {k.removeprefix("zeroshot_").removesuffix("_acc_stderr"): v for k, v in m.items()
+                                   if k.startswith("zeroshot_") and k.endswith("_acc_stderr")},
+               "zeroshot_n": {k.removeprefix("zeroshot_").removesuffix("_n"): int(v) for k, v in m.items()
+                              if k.startswith("zeroshot_") and k.endswith("_n") and k != "zeroshot_mean_n"}}
         if quantizer:
             row["bits_per_weight"] = m["quant_bits_per_weight"]
             row["quant_model_bytes"] = m["quant_model_bytes"]
@@ -95,6 +104,10 @@ def _eval_seconds(s: dict) -> float:
     return s.get("evaluate", s.get("perplexity", 0) + s.get("zeroshot", 0))  # older records split the two
 
 
+def _pm(value: float, stderr: float | None, digits: int) -> str:
+    return f"{value:.{digits}f}" if stderr is None else f"{value:.{digits}f} ± {1.96 * stderr:.{digits}f}"
+
+
 def render(record: dict, path: Path) -> None:
     """The markdown table, from the (possibly partial) JSON record."""
     a = record["settings"]
@@ -106,15 +119,20 @@ def render(record: dict, path: Path) -> None:
              f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, torch "
              f"{record['machine']['torch']}. Calibration: C4, {a['nsamples']} x {a['seqlen']}, seed 0 (same windows "
              f"for every row). Perplexity: first {a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']}. "
-             f"Zero-shot: first {a['zeroshot_limit']} examples of each task, 0-shot, acc.", "",
+             f"Zero-shot: first {a['zeroshot_limit'] or 'all'} examples of each task, 0-shot, acc. "
+             f"± is the 95% interval (perplexity: bootstrap over windows; accuracy: 1.96 x lm-eval's stderr).", "",
              "| method | sparsity | WikiText-2 ppl | x dense | 7-task mean | " + " | ".join(tasks)
              + " | prune s | eval s |",
              "|---" * (7 + len(tasks)) + "|"]
     for r in record["runs"]:
         ratio = f"{r['ppl_wikitext2'] / dense['ppl_wikitext2']:.2f}" if dense else "-"
         s = r["seconds"]
-        lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {r['ppl_wikitext2']:.2f} | {ratio} | "
-                     f"{r['zeroshot_mean']:.3f} | " + " | ".join(f"{r['zeroshot'][t]:.2f}" for t in tasks)
+        lo, hi = r.get("ppl_ci") or [None, None]
+        ppl = f"{r['ppl_wikitext2']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+        se = r.get("zeroshot_stderr", {})
+        lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {ppl} | {ratio} | "
+                     f"{_pm(r['zeroshot_mean'], r.get('zeroshot_mean_stderr'), 3)} | "
+                     + " | ".join(_pm(r["zeroshot"][t], se.get(t), 2) for t in tasks)
                      + f" | {s.get('prune', 0) + s.get('quantize', 0):.0f} | {_eval_seconds(s):.0f} |")
     if missing:
         lines += ["", f"Not finished in this run: {', '.join(missing)}."]

@@ -144,7 +144,7 @@ def quick_spec(source: str, tracking_uri: str | None = None, **over) -> dict:
         "model": {"source": source},
         "calibration": {"source": "c4", "nsamples": 4, "seqlen": 128, "seed": 0},
         "pruner": {"name": "wanda", "sparsity": 0.5},
-        "evaluators": [{"name": "perplexity", "seqlen": 128, "windows": 3}, {"name": "sparsity"}],
+        "evaluators": [{"name": "perplexity", "seqlen": 128, "windows": 8}, {"name": "sparsity"}],
         "register": {"gates": {"max_ppl_ratio": 100.0, "beat_champion": "ppl_wikitext2"}},
         "tracking": {"uri": tracking_uri, "experiment": "tests"},
     }

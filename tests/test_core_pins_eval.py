@@ -69,7 +69,10 @@ def test_perplexity_evaluator_reports_the_protocol(tmp_path):
     config = PerplexityConfig(dataset="c4", path=str(tmp_path / "eval.txt"), seqlen=16, windows=3)
     result = PerplexityEvaluator(config).evaluate(TableLM(table), Tok())
     tokens = Tok()(" ".join("ab" * (i % 5) for i in range(70)), return_tensors="pt").input_ids[0].tolist()
-    assert result.metrics == {"ppl_c4": pytest.approx(ppl_by_hand(table, tokens, 16, 3), rel=1e-6)}
+    assert result.metrics["ppl_c4"] == pytest.approx(ppl_by_hand(table, tokens, 16, 3), rel=1e-6)
+    assert set(result.metrics) == {f"ppl_c4{s}" for s in ("", "_stderr", "_ci_low", "_ci_high", "_n", "_tokens")}
+    assert (result.metrics["ppl_c4_n"], result.metrics["ppl_c4_tokens"]) == (3, 48)
+    assert result.metrics["ppl_c4_ci_low"] <= result.metrics["ppl_c4"] <= result.metrics["ppl_c4_ci_high"]
     p = result.protocol
     assert (p["seqlen"], p["windows"], p["windows_available"], p["tokens"]) == (16, 3, 4, 48)
     assert (p["split"], p["join"], p["dtype"]) == ("validation", " ", "float32")
@@ -81,10 +84,19 @@ def test_perplexity_evaluator_reports_the_protocol(tmp_path):
 
 
 # Metrics under which every gate passes; each case below breaks exactly one gate.
-GATES = GateSpec(max_ppl_ratio=1.25, min_zeroshot_ratio=0.9, min_sparsity=0.5, beat_champion="ppl_wikitext2")
+# Point-estimate ratio gates (the interval ones: tests/test_gates_paired.py). beat_champion is always paired:
+# the champion's windows are the candidate's, each 0.01 nats worse (so the candidate is better on every window).
+GATES = GateSpec(max_ppl_ratio=1.25, min_zeroshot_ratio=0.9, min_sparsity=0.5, beat_champion="ppl_wikitext2",
+                 bound="point")
 DENSE = {"ppl_wikitext2": 20.0, "zeroshot_mean": 0.50}
 GOOD = {"ppl_wikitext2": 25.0, "zeroshot_mean": 0.45, "sparsity_total": 0.5 - SPARSITY_ROUNDING}
 CHAMPION = {"ppl_wikitext2": 25.5}
+WINDOWS = [3.1, 3.4, 2.9, 3.3, 3.0, 3.5, 3.2, 2.8]
+
+
+def nll_examples(shift: float) -> dict:
+    return {"ppl_wikitext2": {"kind": "nll", "ids": list(range(8)), "values": [v + shift for v in WINDOWS],
+                              "digest": "same-windows"}}
 
 
 @pytest.mark.parametrize("change,failing", [
@@ -92,19 +104,20 @@ CHAMPION = {"ppl_wikitext2": 25.5}
     ({"ppl_wikitext2": 25.01}, {"max_ppl_ratio"}),
     ({"zeroshot_mean": 0.4499}, {"min_zeroshot_ratio"}),
     ({"sparsity_total": 0.5 - SPARSITY_ROUNDING - 1e-4}, {"min_sparsity"}),
-    ({"champion": {"ppl_wikitext2": 25.0}}, {"beat_champion"}),
+    ({"champion": -0.01}, {"beat_champion"}),
     ({"zeroshot_mean": None}, {"min_zeroshot_ratio"}),
     ({"sparsity_total": None}, {"min_sparsity"}),
 ])
 def test_promotion_needs_every_gate_to_pass(change, failing):
     metrics, change = dict(GOOD), dict(change)
-    champion = change.pop("champion", CHAMPION)
+    champion_shift = change.pop("champion", 0.01)
     for key, value in change.items():
         if value is None:
             metrics.pop(key)
         else:
             metrics[key] = value
-    gates = evaluate_gates(GATES, metrics, DENSE, 0.9, champion)
+    gates = evaluate_gates(GATES, metrics, DENSE, 0.9, CHAMPION, examples=nll_examples(0.0),
+                           champion_examples=nll_examples(champion_shift))
     assert [g.name for g in gates] == ["max_ppl_ratio", "min_zeroshot_ratio", "min_sparsity", "beat_champion"]
     assert {g.name for g in gates if not g.passed} == failing
     # The decision flows/compress.py takes: promote only when all gates pass.
@@ -118,12 +131,15 @@ def test_gates_fail_closed_and_default_floor_is_the_target():
     none = evaluate_gates(GATES, {"sparsity_total": 0.5}, {}, 0.5, None)
     assert {g.name: g.passed for g in none} == {"max_ppl_ratio": False, "min_zeroshot_ratio": False,
                                                "min_sparsity": True, "beat_champion": False}
+    same = {"zeroshot_boolq_acc": {"kind": "correct", "ids": [0, 1, 2], "values": [1, 0, 1], "digest": "d"},
+            "zeroshot_mean": {"kind": "mean_of", "parts": ["zeroshot_boolq_acc"]}}
     first = evaluate_gates(GateSpec(beat_champion="zeroshot_mean", lower_is_better=False),
-                           {"sparsity_total": 0.5, "zeroshot_mean": 0.4}, {}, 0.5, {"zeroshot_mean": 0.4})
+                           {"sparsity_total": 0.5, "zeroshot_mean": 0.4}, {}, 0.5, {"zeroshot_mean": 0.4},
+                           examples=same, champion_examples=same)
     assert [g.passed for g in first] == [True, False]  # equal is not better
     zero_dense = evaluate_gates(GateSpec(min_zeroshot_ratio=0.5), GOOD, {"zeroshot_mean": 0.0}, 0.5)
     assert not zero_dense[0].passed
-    assert "25.000 is 1.250x dense 20.000 (limit 1.25x)" in evaluate_gates(GATES, GOOD, DENSE, 0.5)[0].detail
+    assert "25.000, dense 20.000: 1.250x dense (limit <= 1.25x)" in evaluate_gates(GATES, GOOD, DENSE, 0.5)[0].detail
 
 
 class WordTokenizer:

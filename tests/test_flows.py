@@ -46,7 +46,7 @@ def test_flow_runs_every_stage_and_tracks_it(registry):
     p = run.data.params
     assert p["pruner.name"] == "wanda" and p["pruner.sparsity"] == "0.5" and p["calibration.nsamples"] == "4"
     assert len(p["calibration.windows_digest"]) == 16 and len(p["model.fingerprint"]) == 16
-    assert p["eval.perplexity.seqlen"] == "128" and p["eval.perplexity.windows"] == "3"
+    assert p["eval.perplexity.seqlen"] == "128" and p["eval.perplexity.windows"] == "8"
     assert p["versions.torch"].startswith("2.13")
     assert run.data.tags["pipeline"] == "smollm2-demo"
     assert run.data.tags["prefect_flow_run_id"] == summary["prefect_flow_run_id"]
@@ -68,7 +68,7 @@ def test_flow_runs_every_stage_and_tracks_it(registry):
     # The registered model reproduces the perplexity from the registry alone.
     tracker = MLflowTracker(registry, "tests")
     model, tok = tracker.load_model("models:/smollm2-demo@champion")
-    ppl = perplexity(model, wikitext2_test_tokens(tok), 128, 3, progress=False)[0]
+    ppl = perplexity(model, wikitext2_test_tokens(tok), 128, 8, progress=False)[0]
     assert ppl == pytest.approx(m["ppl_wikitext2"], rel=1e-6)
     assert state_digest(model) == summary["weights_digest"] == run.data.tags["weights_digest"]
     same, _ = tracker.load_model(summary["model_uri"])
@@ -150,6 +150,12 @@ def test_sweep_table_and_parent_child_runs(tmp_path, tiny_dir):
                                                                           "perplexity_vs_sparsity.png"}
     # the dense baseline is measured once and reused by the second point
     assert children[0].data.metrics["dense_ppl_wikitext2"] == children[1].data.metrics["dense_ppl_wikitext2"]
+    # ... with its per-example results, which every child logs for later paired comparisons
+    dense_examples = []
+    for child in children:
+        assert {"examples.json", "dense_examples.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        dense_examples.append(open(client.download_artifacts(child.info.run_id, "dense_examples.json")).read())
+    assert dense_examples[0] == dense_examples[1]
 
 
 def test_missing_evaluation_file_fails_in_validate(tmp_path, tiny_dir):

@@ -32,8 +32,7 @@ def test_server_killed_before_register_promotes_nothing_and_fails_fast(tmp_path,
     uri = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
     spec = PipelineSpec(**quick_spec(str(tiny_dir), uri, evaluators=[{"name": "sparsity"}],
-                                     register={"gates": {"beat_champion": "sparsity_total",
-                                                         "lower_is_better": False}}))
+                                     register={"gates": {"min_sparsity": 0.4}}))
     ran = []
 
     def kill_before_register(name, fn, *args, cache_key=None):

@@ -117,6 +117,10 @@ def test_one_full_task_rte(smollm2):
     # acc is hits/277, and lm-eval's stderr of a mean of 0/1 scores is sqrt(acc (1 - acc) / (n - 1)).
     assert row["acc"] * 277 == pytest.approx(round(row["acc"] * 277), abs=1e-6)
     assert row["acc_stderr"] == pytest.approx(math.sqrt(row["acc"] * (1 - row["acc"]) / 276), rel=1e-6)
+    # the per-example results behind it: one 0/1 per document, by lm-eval doc_id
+    kept = result.examples["zeroshot_rte_acc"]
+    assert kept["ids"] == list(range(277)) and sum(kept["values"]) == round(row["acc"] * 277)
+    assert result.metrics["zeroshot_rte_n"] == 277 and result.metrics["zeroshot_mean_n"] == 277
 
 
 def test_unknown_local_task_is_rejected():

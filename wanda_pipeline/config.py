@@ -78,11 +78,20 @@ class EngineSpec(_Strict):
 
 
 class GateSpec(_Strict):
+    """Promotion gates; docs/evaluation.md says exactly what each one decides and how sure it is."""
+
     max_ppl_ratio: float | None = Field(None, gt=0, description="perplexity <= this x dense")
     min_zeroshot_ratio: float | None = Field(None, gt=0, description="zero-shot mean >= this x dense")
     min_sparsity: float | None = Field(None, ge=0, le=1, description="achieved sparsity >= this (default: target)")
-    beat_champion: str | None = Field(None, description="metric that must beat the current champion's")
-    lower_is_better: bool = True
+    beat_champion: str | None = Field(None, description="metric that must beat the current champion's, by a paired "
+                                      "test on the same examples at `confidence`")
+    lower_is_better: bool | None = Field(None, description="direction of beat_champion's metric; default: from the "
+                                         "metric (perplexity lower, accuracy higher)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="of every interval and test the gates use")
+    bound: Literal["interval", "point"] = Field(
+        "interval", description="ratio gates: 'interval' passes only when the whole interval at `confidence` is "
+                                "within the limit; 'point' compares the point estimate (the interval is still "
+                                "reported). beat_champion is always a paired test")
 
 
 SaveFormat = Literal["hf", "bitmask-v1", "compressed-tensors"]
@@ -175,6 +184,10 @@ class PipelineSpec(_Strict):
             raise ValueError("register.gates.max_ppl_ratio needs a 'perplexity' evaluator")
         if g.min_zeroshot_ratio is not None and "zeroshot" not in names:
             raise ValueError("register.gates.min_zeroshot_ratio needs a 'zeroshot' evaluator")
+        ratios = [k for k in ("max_ppl_ratio", "min_zeroshot_ratio") if getattr(g, k) is not None]
+        if ratios and not self.dense_baseline:
+            raise ValueError(f"register.gates.{ratios[0]} compares with the dense model, but dense_baseline is false; "
+                             f"set dense_baseline: true or remove the gate")
         return self
 
 

@@ -117,6 +117,8 @@ class EvalResult:
     metrics: dict[str, float]
     protocol: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, list[dict]] = field(default_factory=dict)
+    # per-example results behind the metrics (see wanda_pipeline.per_example), for paired comparisons
+    examples: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass

@@ -203,6 +203,7 @@ def preflight(spec: PipelineSpec, tracker=None, outputs: list[Output] | None = N
     if plugins.pruner is not None:
         problems += block_level_problems(plugins.pruner, spec.reconstruct, spec.engine.passes, spec.pruner.name)
     problems += check_quantizer(spec, plugins)
+    problems += _gates(spec, plugins)
     outs = list(outputs if outputs is not None else spec_outputs(spec))
     for o in outs:
         o.needs_bytes = o.needs_bytes or (facts.weight_bytes if "folder" in o.what and "log" not in o.what else 0)
@@ -227,4 +228,12 @@ def static_problems(spec: PipelineSpec, registry: Registry) -> tuple[list[WandaP
     facts, _ = check_model(spec.model)
     blocks = block_level_problems(plugins.pruner, spec.reconstruct, spec.engine.passes, spec.pruner.name) \
         if plugins.pruner is not None else []
-    return check_seqlens(spec, plugins, facts) + blocks, [str(p) for p in check_devices(spec, plugins)]
+    return (check_seqlens(spec, plugins, facts) + blocks + _gates(spec, plugins),
+            [str(p) for p in check_devices(spec, plugins)])
+
+
+def _gates(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]:
+    """Gates that can never pass; only once every evaluator was made (else the plugin error says it)."""
+    from wanda_pipeline.tracking.gate_checks import gate_problems
+
+    return list(gate_problems(spec, plugins.evaluators)) if len(plugins.evaluators) == len(spec.evaluators) else []

@@ -19,6 +19,7 @@ from typing import Any
 from wanda_pipeline import __version__, stages
 from wanda_pipeline.config import PipelineSpec, SaveSpec
 from wanda_pipeline.errors import WandaPipelineError, stage_failure
+from wanda_pipeline.intervals import is_companion
 from wanda_pipeline.preflight import Checked, Output, preflight
 from wanda_pipeline.quantizers.calibrated import calibrated_stats
 
@@ -35,6 +36,7 @@ class RunResult:
     pipeline: str
     metrics: dict[str, float] = field(default_factory=dict)
     dense: dict[str, float] = field(default_factory=dict)
+    dense_examples: dict[str, dict] = field(default_factory=dict)  # per-example results, reused by sweeps
     params: dict[str, Any] = field(default_factory=dict)
     block_targets: list[float] = field(default_factory=list)  # target sparsity of each block
     protocols: dict[str, dict] = field(default_factory=dict)
@@ -63,9 +65,13 @@ def _metrics_of(results: dict) -> dict[str, float]:
     return {k: v for r in results.values() for k, v in r.metrics.items()}
 
 
+def _examples_of(results: dict) -> dict[str, dict]:
+    return {k: v for r in results.values() for k, v in r.examples.items()}
+
+
 def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run_stage: StageRunner = call,
             checked: Checked | None = None, outputs: list[Output] | None = None, save: SaveSpec | None = None,
-            dense_metrics: dict | None = None, parent_run_id: str | None = None,
+            dense_metrics: dict | None = None, dense_examples: dict | None = None, parent_run_id: str | None = None,
             run_tags: dict[str, str] | None = None, progress: bool = True) -> RunResult:
     """Run one pipeline and return its :class:`RunResult`. Preflight first (unless ``checked``
     is given), so bad input fails before anything is loaded or tracked."""
@@ -126,10 +132,11 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
 
             log_start(tracker, result.params, spec.model_dump(by_alias=True))
 
-        dense = dict(dense_metrics or {})
+        dense, result.dense_examples = dict(dense_metrics or {}), dict(dense_examples or {})
         scored = {k: v for k, v in plugins.evaluators.items() if k != "sparsity"}
         if spec.dense_baseline and not dense and scored:
-            dense = _metrics_of(timed("evaluate-dense", stages.evaluate, loaded.model, loaded.tokenizer, scored))
+            dense_results = timed("evaluate-dense", stages.evaluate, loaded.model, loaded.tokenizer, scored)
+            dense, result.dense_examples = _metrics_of(dense_results), _examples_of(dense_results)
         outcome = timed("prune", stages.prune, loaded, windows, plugins.pruner, spec, progress, calibrated)
         metrics: dict[str, float] = {f"counter_{k}": v for k, v in outcome.counters.items()}
         if plugins.quantizer is not None:
@@ -144,7 +151,7 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         result.weights_digest = "" if outcome.streamed_to else state_digest(loaded.model)
         metrics.update(_metrics_of(results))
         for k, v in dense.items():
-            if k in metrics and v:
+            if k in metrics and v and not is_companion(k, dense):  # no ratio of two stderrs
                 metrics[f"{k}_vs_dense"] = metrics[k] / v
         result.metrics = {k: v for k, v in metrics.items() if not k.startswith("sparsity_block_")}
         result.dense, result.block_targets = dense, outcome.block_ratios
@@ -157,9 +164,9 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
             from wanda_pipeline.tracking.record import log_results
 
             log_results(tracker, metrics, dense, outcome.block_ratios, results, result.weights_digest,
-                        outcome.engine.block_metrics())
+                        outcome.engine.block_metrics(), result.dense_examples)
             timed("register", _register, tracker, spec, pipeline, loaded, result, provenance, target,
-                  plugins.quantizer)
+                  plugins.quantizer, _examples_of(results))
         _cleanup(outcome, spec)
         clock = {f"time_{k.replace('-', '_')}_s": v for k, v in result.seconds.items()}
         clock["peak_rss_bytes"] = stages.peak_rss_bytes()
@@ -184,7 +191,7 @@ def _cleanup(outcome, spec: PipelineSpec) -> None:
 
 
 def _register(tracker, spec: PipelineSpec, pipeline: str, loaded, result: RunResult, provenance: dict,
-              target: float, quantizer: Any = None) -> None:
+              target: float, quantizer: Any = None, examples: dict | None = None) -> None:
     """Log the model to the run; if registration is on, hand it to the promotion policy."""
     from wanda_pipeline.tracking.promotion import log_model, register_and_promote
 
@@ -198,7 +205,8 @@ def _register(tracker, spec: PipelineSpec, pipeline: str, loaded, result: RunRes
     tags = {"pipeline": pipeline, "pruner": spec.pruner.name, "sparsity": f"{m.get('sparsity_total', 0):.4f}",
             "pattern": provenance["pruner"].get("pattern", "unstructured")}
     tags.update({f"metric.{k}": f"{v:.6g}" for k, v in m.items()})
-    registration = register_and_promote(tracker, reg, pipeline, result.model_uri, m, result.dense, target, tags)
+    registration = register_and_promote(tracker, reg, pipeline, result.model_uri, m, result.dense, target, tags,
+                                        examples=examples, dense_examples=result.dense_examples)
     result.registration = registration.as_dict()
 
 

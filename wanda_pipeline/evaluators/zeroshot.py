@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from wanda_pipeline.errors import DataError
+from wanda_pipeline.intervals import mean_of_tasks_stderr, normal_interval
+from wanda_pipeline.per_example import digest
 from wanda_pipeline.plugins import EvalResult, PluginConfig
 from wanda_pipeline.settings import cache_dir, data_dir
 
@@ -154,22 +156,57 @@ class ZeroShotEvaluator:
             tasks, manager = list(c.tasks), TaskManager()
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=c.limit, task_manager=manager,
                                       random_seed=c.seed, numpy_random_seed=c.seed, torch_random_seed=c.seed,
-                                      fewshot_random_seed=c.seed, log_samples=False, bootstrap_iters=1000)
-        metrics, rows = {}, []
-        for task in c.tasks:
-            res = out["results"][task]
-            row = {"task": task}
-            for m in ("acc", "acc_norm"):
-                if f"{m},none" in res:
-                    row[m] = float(res[f"{m},none"])
-                    row[f"{m}_stderr"] = float(res.get(f"{m}_stderr,none", float("nan")))
-                    metrics[f"zeroshot_{task}_{m}"] = row[m]
-            rows.append(row)
-        metrics["zeroshot_mean"] = sum(r["acc"] for r in rows) / len(rows)
+                                      fewshot_random_seed=c.seed, log_samples=True, bootstrap_iters=1000)
+        metrics, rows, examples = scores(out, c.tasks)
         protocol = {"tasks": ",".join(c.tasks), "source": c.source, "limit": c.limit, "num_fewshot": 0,
                     "seed": c.seed, "batch_size": c.batch_size, "lm_eval": lm_eval.__version__,
                     "task_versions": json.dumps({t: out.get("versions", {}).get(t) for t in c.tasks}),
                     "n_samples": json.dumps({t: out.get("n-samples", {}).get(t, {}).get("effective")
                                              for t in c.tasks}),
-                    "mean_of": "acc"}
-        return EvalResult(metrics=metrics, protocol=protocol, tables={"zeroshot": rows})
+                    "mean_of": "acc", "stderr": "lm-eval's: sample std (ddof=1) / sqrt(n); mean: sqrt(sum se^2) / T"}
+        return EvalResult(metrics=metrics, protocol=protocol, tables={"zeroshot": rows}, examples=examples)
+
+    def per_example_metrics(self) -> dict[str, bool]:
+        """The metrics this evaluator keeps per-example results for, and whether higher is better."""
+        names = {f"zeroshot_{t}_acc": True for t in self.config.tasks}
+        names.update({f"zeroshot_{t}_acc_norm": True for t in self.config.tasks if t in ACC_NORM})
+        return {**names, "zeroshot_mean": True}
+
+    def examples_per_group(self) -> int | None:
+        """How many paired examples each task has at most (None: the whole task, unknown here)."""
+        return self.config.limit
+
+
+def scores(out: dict, tasks: list[str]) -> tuple[dict[str, float], list[dict], dict[str, dict]]:
+    """Metrics (with stderr and n), the table rows and the per-example results of one lm-eval answer.
+
+    The numbers and their stderr are lm-eval's own; the per-example 0/1 come from its logged samples."""
+    metrics: dict[str, float] = {}
+    rows: list[dict] = []
+    examples: dict[str, dict] = {}
+    for task in tasks:
+        res = out["results"][task]
+        samples = sorted(out.get("samples", {}).get(task, []), key=lambda x: x["doc_id"])
+        ids = [x["doc_id"] for x in samples]
+        content = digest(f"{x['doc_id']}:{x['doc_hash']}:{x['prompt_hash']}:{x['target_hash']}" for x in samples)
+        n = len(samples) or int(out.get("n-samples", {}).get(task, {}).get("effective", 0))
+        row: dict[str, Any] = {"task": task, "n": n}
+        for m in ("acc", "acc_norm"):
+            if f"{m},none" in res:
+                row[m] = float(res[f"{m},none"])
+                row[f"{m}_stderr"] = float(res.get(f"{m}_stderr,none", float("nan")))
+                metrics[f"zeroshot_{task}_{m}"] = row[m]
+                metrics[f"zeroshot_{task}_{m}_stderr"] = row[f"{m}_stderr"]
+                if samples:  # a group task (hub) logs its samples under its subtasks: no pairing then
+                    examples[f"zeroshot_{task}_{m}"] = {"kind": "correct", "ids": ids, "digest": content,
+                                                        "values": [int(float(x[m]) > 0.5) for x in samples]}
+        metrics[f"zeroshot_{task}_n"] = float(n)
+        rows.append(row)
+    mean = sum(r["acc"] for r in rows) / len(rows)
+    ci = normal_interval(mean, mean_of_tasks_stderr([r["acc_stderr"] for r in rows]), sum(r["n"] for r in rows))
+    metrics.update({"zeroshot_mean": mean, "zeroshot_mean_stderr": ci.stderr, "zeroshot_mean_ci_low": ci.low,
+                    "zeroshot_mean_ci_high": ci.high, "zeroshot_mean_n": float(ci.n)})
+    parts = [f"zeroshot_{t}_acc" for t in tasks]
+    if all(p in examples for p in parts):
+        examples["zeroshot_mean"] = {"kind": "mean_of", "parts": parts}
+    return metrics, rows, examples

@@ -38,12 +38,13 @@ def _tracker(spec: PipelineSpec, tracking: bool):
 
 @flow(name="compress", flow_run_name="{pipeline}")
 def compress(pipeline: str, spec: dict, dense_metrics: dict | None = None, parent_run_id: str | None = None,
-             tracking: bool = True) -> dict:
+             tracking: bool = True, dense_examples: dict | None = None) -> dict:
     """One pipeline point; callable with a plain spec dict (deployments, sweeps, work pools)."""
     spec_obj = PipelineSpec(**spec)
     tags = {"prefect_flow_run_id": str(flow_run.id), "prefect_flow_run_name": flow_run.name}
     result = execute(spec_obj, pipeline=pipeline, tracker=_tracker(spec_obj, tracking), run_stage=prefect_stage,
-                     dense_metrics=dense_metrics, parent_run_id=parent_run_id, run_tags=tags)
+                     dense_metrics=dense_metrics, dense_examples=dense_examples, parent_run_id=parent_run_id,
+                     run_tags=tags)
     summary = result.as_dict()
     summary["prefect_flow_run_id"] = str(flow_run.id)
     _link_artifact(summary)

@@ -38,16 +38,17 @@ def sweep(name: str, points: list[dict], tracking: bool = True) -> list[dict]:
     """Run each point ``{"pipeline": name, "spec": {...}}`` as a compress subflow; one parent MLflow run."""
     tracker = _tracker(PipelineSpec(**points[0]["spec"]), tracking)
     table: list[dict] = []
-    dense_cache: dict[str, dict] = {}
+    dense_cache: dict[str, dict] = {}  # the dense model's metrics and per-example results, per model + evaluators
     ctx = tracker.run(f"sweep-{name}", tags={"sweep": name, "prefect_flow_run_id": str(flow_run.id)}) \
         if tracker else _no_run()
     with ctx as parent:
         for point in points:
             spec = PipelineSpec(**point["spec"])
             dense_key = json.dumps([spec.model.model_dump(), [e.model_dump() for e in spec.evaluators]], sort_keys=True)
-            s = compress(point["pipeline"], point["spec"], dense_metrics=dense_cache.get(dense_key),
-                         parent_run_id=parent, tracking=tracking)
-            dense_cache.setdefault(dense_key, s["dense"])
+            cached = dense_cache.get(dense_key, {})
+            s = compress(point["pipeline"], point["spec"], dense_metrics=cached.get("dense"),
+                         parent_run_id=parent, tracking=tracking, dense_examples=cached.get("examples"))
+            dense_cache.setdefault(dense_key, {"dense": s["dense"], "examples": s.get("dense_examples")})
             table.append(sweep_row(point["pipeline"], spec, s))
         if tracker:
             tracker.log_table(table, "sweep_results.csv")

@@ -15,7 +15,7 @@ from typing import Any
 
 from wanda_pipeline.config import RegisterSpec
 from wanda_pipeline.errors import TrackingError
-from wanda_pipeline.tracking.gates import GateResult, evaluate_gates
+from wanda_pipeline.tracking.gates import GateResult, evaluate_gates, gate_tags
 from wanda_pipeline.tracking.registry import ModelRegistry
 
 
@@ -65,17 +65,24 @@ def log_model(tracker, loaded, provenance: dict, fmt: str, pipeline: str, sparsi
 
 
 def register_and_promote(tracker, spec: RegisterSpec, pipeline: str, model_uri: str, metrics: dict[str, float],
-                         dense: dict[str, float], target_sparsity: float, tags: dict[str, Any]) -> Registration:
+                         dense: dict[str, float], target_sparsity: float, tags: dict[str, Any], *,
+                         examples: dict | None = None, dense_examples: dict | None = None) -> Registration:
+    """``examples`` / ``dense_examples``: per-example results of this run and its dense baseline, for
+    the paired gates; the champion's are read from its run only when beat_champion needs them."""
     registry = ModelRegistry(tracker)
     name = spec.model_name or pipeline
-    champion, registry_error = None, None
+    champion, champion_examples, registry_error = None, None, None
     try:
         champion = registry.champion_metrics(name, spec.alias)
+        if champion is not None and spec.gates.beat_champion:
+            champion_examples = registry.champion_examples(name, spec.alias)
     except TrackingError as exc:
         registry_error = str(exc)
-    gates = evaluate_gates(spec.gates, metrics, dense, target_sparsity, champion)
+    gates = evaluate_gates(spec.gates, metrics, dense, target_sparsity, champion, examples=examples,
+                           dense_examples=dense_examples, champion_examples=champion_examples)
     decision = decide(gates, registry_error)
-    version_tags = {**tags, "gates_passed": str(all(g.passed for g in gates)).lower(), "promoted": "false"}
+    version_tags = {**tags, **gate_tags(spec.gates, gates), "gates_passed": str(all(g.passed for g in gates)).lower(),
+                    "promoted": "false"}
     if not decision.promote:
         version_tags["promotion_blocked_reason"] = decision.reason
     version = registry.register(model_uri, name, version_tags)

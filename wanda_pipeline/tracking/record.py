@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from wanda_pipeline import per_example
 from wanda_pipeline.tracking.plots import sparsity_figure
 
 
@@ -14,8 +15,11 @@ def log_start(tracker, params: dict[str, Any], spec_dump: dict) -> None:
 
 
 def log_results(tracker, metrics: dict[str, float], dense: dict[str, float], block_targets: list[float],
-                results: dict, weights_digest: str, block_rows: list[dict[str, float]] = ()) -> None:
-    """``block_rows``: the engine's per-block rows (step, block_seconds, peak_device_bytes on CUDA)."""
+                results: dict, weights_digest: str, block_rows: list[dict[str, float]] = (),
+                dense_examples: dict | None = None) -> None:
+    """``block_rows``: the engine's per-block rows (step, block_seconds, peak_device_bytes on CUDA).
+    Per-example results go to :data:`~wanda_pipeline.per_example.ARTIFACT` (and the dense model's to
+    ``DENSE_ARTIFACT``), where a later run's beat_champion gate reads them."""
     tracker.log_metrics(metrics)
     for row in block_rows:  # time_/peak_ prefixes: machine-dependent, like the stage times
         per_block = {"time_block_s": row["block_seconds"]}
@@ -26,6 +30,11 @@ def log_results(tracker, metrics: dict[str, float], dense: dict[str, float], blo
     for i, r in enumerate(block_targets):
         tracker.log_metrics({"block_target_sparsity": r}, step=i)
     tracker.log_dict({k: r.protocol for k, r in results.items()}, "evaluation_protocol.json")
+    examples = {k: v for r in results.values() for k, v in r.examples.items()}
+    if examples:
+        tracker.log_dict(per_example.document(examples), per_example.ARTIFACT)
+    if dense_examples:
+        tracker.log_dict(per_example.document(dense_examples), per_example.DENSE_ARTIFACT)
     tracker.set_tags({"weights_digest": weights_digest})
     for key, r in results.items():
         tracker.log_params({f"eval.{key}.{pk}": pv for pk, pv in r.protocol.items()

@@ -38,6 +38,27 @@ class ModelRegistry:
         except Exception as exc:
             raise TrackingError(f"cannot read the metrics of @{alias} (run {mv.run_id}): {exc}") from exc
 
+    def champion_examples(self, name: str, alias: str) -> dict[str, dict] | None:
+        """The per-example results logged with the run of the version that holds ``alias``; None when
+        that run has none (an older run). Errors reading them raise: promotion fails closed."""
+        import json
+        import tempfile
+
+        from wanda_pipeline.per_example import ARTIFACT, from_document
+
+        try:
+            run_id = self.client.get_model_version_by_alias(name, alias).run_id
+            if not run_id or ARTIFACT not in {f.path for f in self.client.list_artifacts(run_id)}:
+                return None
+            with tempfile.TemporaryDirectory(prefix="wanda-champion-") as tmp:
+                local = self.client.download_artifacts(run_id, ARTIFACT, tmp)
+                with open(local, encoding="utf-8") as fh:
+                    doc = json.load(fh)
+        except Exception as exc:
+            raise TrackingError(f"cannot read the per-example results of @{alias} of {name!r} from "
+                                f"{self.tracker.uri}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        return from_document(doc)
+
     def register(self, model_uri: str, name: str, tags: dict[str, Any]) -> str:
         """Create a model version with tags. On any failure (signals too), no half-made version remains."""
         client = self.client
