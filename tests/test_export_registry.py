@@ -50,11 +50,12 @@ def test_champion_is_a_compressed_tensors_folder(tmp_path, tiny_dir):
 def test_prune_cli_writes_compressed_tensors(tmp_path, tiny_dir):
     out = tmp_path / "m"
     args = ["prune", "--model", str(tiny_dir), "--prune_method", "magnitude", "--sparsity_type", "2:4",
-            "--eval-windows", "0", "--save_model", str(out), "--save_format", "compressed-tensors"]
+            "--eval-windows", "0", "--save_model", str(out), "--quantizer", "rtn", "--bits", "8", "--group_size",
+            "32", "--save_format", "compressed-tensors"]
     assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["wanda_sparsity"]["sparsity_structure"] == "2:4" and "quantization_config" not in cfg
-    model = AutoModelForCausalLM.from_pretrained(out)
+    assert cfg["wanda_sparsity"]["sparsity_structure"] == "2:4" and cfg["quantization_config"]
+    model = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
     assert float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
     assert main([*args[:-1], "gguf"]) == ConfigError.exit_code
 
