@@ -104,6 +104,13 @@ def test_compressed_tensors_champion_keeps_the_packed_export(registry, tmp_path)
     assert theirs["wanda_sparsity"] == ours["wanda_sparsity"]
     a, b = load_file(folders["ct-int4"] / "model.safetensors"), load_file(ckpt / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # vLLM gets the bit-checked codes
+    # docs/serving.md, "from_pretrained": the downloaded folders as they are
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt.parent / "components" / "tokenizer")
+    ids = tok("Hello there", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
 
 # ------------------------------------------------------------------ without wanda_pipeline
