@@ -119,12 +119,13 @@ def cmd_run(args) -> int:
 def cmd_sweep(args) -> int:
     from wanda_pipeline.config import PipelineSpec
     from wanda_pipeline.errors import ConfigError
-    from wanda_pipeline.pipelines_file import sweep_points
+    from wanda_pipeline.pipelines_file import sweep_overrides, sweep_points
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: needs at least 1")
 
-    points = sweep_points(load_pipelines_file(args, with_plugins=False), args.name)
+    doc = sweep_overrides(load_pipelines_file(args, with_plugins=False), args.name, args.set or [])
+    points = sweep_points(doc, args.name)
     saves = [PipelineSpec(**p["spec"]).save for p in points]
     paths = [s.path for s in saves if s is not None]
     if len(paths) != len(set(paths)):
@@ -143,8 +144,7 @@ def cmd_sweep(args) -> int:
     from wanda_pipeline.orchestration.pool_sweep import run_sweep_on_pool
     from wanda_pipeline.scaleout import parse_devices
 
-    table = run_sweep_on_pool(load_pipelines_file(args, with_plugins=False), args.name, args.workers or 0, args.pool,
-                              parse_devices(args.devices))
+    table = run_sweep_on_pool(doc, args.name, args.workers or 0, args.pool, parse_devices(args.devices))
     print_table(table, f"sweep {args.name}")
     failed = [r["pipeline"] for r in table if r["status"] != "ok"]
     if failed:
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "in this process, one after another)")
     s.add_argument("--pool", help="a process work pool on the server at PREFECT_API_URL whose workers run the points")
     s.add_argument("--devices", help="GPUs to split between the workers, e.g. 0,1 (each gets CUDA_VISIBLE_DEVICES)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override every swept pipeline, as in `run`, e.g. calibration.nsamples=4")
     s.set_defaults(func=cmd_sweep)
 
     v = sub.add_parser("validate", help="check a pipelines file, listing every problem")

@@ -23,6 +23,12 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--save_format", default="hf",
                     help="format of --save_model: hf, compressed-tensors (vLLM / transformers) or bitmask-v1")
     pr.add_argument("--overwrite", action="store_true", help="allow --save_model to replace a non-empty folder")
+    pr.add_argument("--quantizer", help="quantize after pruning, as `run` does: any installed quantizer plugin "
+                    "(`wanda-pipeline plugins`), e.g. rtn; needed by --save_format compressed-tensors")
+    pr.add_argument("--bits", type=int, help="quantizer bits, e.g. 4 or 8")
+    pr.add_argument("--group_size", type=int, help="quantizer columns per scale, e.g. 128")
+    pr.add_argument("--quantizer_option", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other option of the quantizer's config, e.g. symmetric=false (repeatable)")
     pr.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a .txt/.jsonl file")
     pr.add_argument("--calibration-path", dest="calibration_path", help="local file for a named source")
     pr.add_argument("--seqlen", type=int, help="calibration window; default min(2048, model max)")
@@ -80,12 +86,13 @@ def prune_spec(args):
     if args.use_variant:
         pruner["use_variant"] = True
     engine = {k: getattr(args, k) for k in EngineSpec.model_fields if getattr(args, k, None) is not None}
+    quantizer = _quantizer(args)
     try:
         return PipelineSpec(
             model={"source": args.model, "dtype": args.dtype},
             calibration={"source": args.calibration, "path": args.calibration_path, "nsamples": args.nsamples,
                          "seqlen": args.seqlen, "seed": args.seed},
-            pruner=pruner, engine=engine, evaluators=evaluators, dense_baseline=False,
+            pruner=pruner, engine=engine, evaluators=evaluators, dense_baseline=False, quantizer=quantizer,
             register={"enabled": False}, tracking={"uri": args.tracking_uri, "experiment": args.experiment},
             save=({"path": args.save_model, "overwrite": args.overwrite, "format": args.save_format}
                   if args.save_model else None),
@@ -94,9 +101,36 @@ def prune_spec(args):
         raise ConfigError(f"invalid flags: {exc}") from None
 
 
+def _quantizer(args) -> dict | None:
+    """The quantizer spec from the flags; the plugin's own Config validates the options in preflight."""
+    import yaml
+
+    options = {k: getattr(args, k) for k in ("bits", "group_size") if getattr(args, k, None) is not None}
+    for item in args.quantizer_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--quantizer_option {item!r}: expected KEY=VALUE, e.g. symmetric=false")
+        options[key.strip()] = yaml.safe_load(value)
+    if args.quantizer is None:
+        if options:
+            raise ConfigError(f"--{'/--'.join(options)} set without --quantizer; add e.g. --quantizer rtn")
+        if args.save_model and args.save_format == "compressed-tensors":
+            # A dense compressed-tensors folder is no smaller and no faster than hf: refuse rather than
+            # hand a user who asked for the vLLM format a folder that is not quantized.
+            raise ConfigError("--save_format compressed-tensors needs a quantizer: without one it would write "
+                              "dense, unquantized weights. Add e.g. --quantizer rtn --bits 4 --group_size 128 "
+                              "(int4 pack-quantized, what vLLM serves), or use --save_format hf for a dense folder")
+        return None
+    return {"name": args.quantizer, **options}
+
+
 def announce(name: str, fn, *a, cache_key=None):
-    """The prune CLI's stage runner: say which stage starts (the marker tests look for)."""
+    """The prune CLI's stage runner: say which stage starts (the marker tests look for) and, on a
+    CPU, about how long a long one will take."""
+    from wanda_pipeline.estimate import before_stage
+
     print(f"[stage] {name}", file=sys.stderr, flush=True)
+    before_stage(name, a)
     return fn(*a)
 
 

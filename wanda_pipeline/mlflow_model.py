@@ -1,34 +1,24 @@
-"""MLflow pyfunc loader module for pruned models (``loader_module`` flavour: no pickle),
-and the flavour that logs them (:func:`save_model`, for ``mlflow.models.Model.log``).
+"""MLflow pyfunc loader module for pruned models (``loader_module``: no pickle).
 
-The model folder (a ``save_pretrained`` folder, a compressed-tensors export from
-:mod:`wanda_pipeline.export.compressed_tensors`, or a bitmask folder from
-:func:`wanda_pipeline.saving.save_sparse`) *is* the MLflow model's root, next to ``MLmodel``:
-a download of ``models:/NAME@champion`` is a folder ``vllm serve`` or ``from_pretrained`` take.
+Registered ``bitmask-v1`` folders (values + bitmask, see :func:`wanda_pipeline.saving.save_sparse`)
+need it, so serving them needs this package installed. Transformers checkpoints (hf,
+compressed-tensors) are logged with MLflow's own transformers flavour instead
+(:mod:`wanda_pipeline.tracking.model_logging`); :func:`load_folder` still reads every format.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from wanda_pipeline.saving import SPARSE_FILE, load_sparse
 
-
-def save_model(path: str, mlflow_model=None, folder: str | Path | None = None,
-               pip_requirements: list[str] | None = None, **_kwargs) -> None:
-    """Flavour hook for ``Model.log(flavor=this module, folder=...)``: copy ``folder`` to the
-    model root and describe it as a pyfunc whose data is the root itself."""
-    import mlflow.pyfunc
-    from mlflow.models import Model
-
-    root = Path(path)
-    shutil.copytree(folder, root, dirs_exist_ok=True)
-    (root / "requirements.txt").write_text("\n".join(pip_requirements or []) + "\n")
-    mlflow_model = mlflow_model or Model()
-    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=__name__, data=".")
-    mlflow_model.save(str(root / "MLmodel"))
+# Generation parameters a client may send with a request (MLflow ``params``), with their
+# defaults; the signature of every registered model declares exactly these.
+GENERATION_DEFAULTS: dict[str, int | float | bool] = {
+    "max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50,
+    "repetition_penalty": 1.0,
+}
 
 
 def is_compressed_tensors(path: str | Path) -> bool:
@@ -39,8 +29,9 @@ def is_compressed_tensors(path: str | Path) -> bool:
     return quant.get("quant_method") == "compressed-tensors"
 
 
-def load_folder(path: str | Path):
-    """(model, tokenizer) from a saved folder, any format."""
+def load_folder(path: str | Path, tokenizer_path: str | Path | None = None):
+    """(model, tokenizer) from a saved folder, any format (the tokenizer from ``tokenizer_path``
+    if given: MLflow's transformers flavour keeps it apart)."""
     path = Path(path)
     if (path / SPARSE_FILE).exists():
         return load_sparse(path)
@@ -55,26 +46,34 @@ def load_folder(path: str | Path):
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(tokenizer_path or path)
 
 
 class PrunedLM:
-    """What ``mlflow.pyfunc.load_model`` returns: generates text for prompts."""
+    """What ``mlflow.pyfunc.load_model`` returns: generates text for prompts, honouring the
+    generation params of the signature (greedy by default)."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    def predict(self, model_input, params=None):
+    def predict(self, model_input, params=None) -> list[str]:
         import torch
 
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
-        max_new = int((params or {}).get("max_new_tokens", 32))
+        if hasattr(model_input, "columns"):  # a DataFrame: the signature's one string column
+            prompts = [str(p) for p in model_input.iloc[:, 0]]
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        else:
+            prompts = [str(p) for p in model_input]
+        gen = {**GENERATION_DEFAULTS, **(params or {})}
+        if not gen["do_sample"]:  # sampling knobs mean nothing when greedy (and transformers warns)
+            gen = {k: v for k, v in gen.items() if k not in ("temperature", "top_p", "top_k")}
         out = []
         for prompt in prompts:
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
-                gen = self.model.generate(ids, max_new_tokens=max_new, do_sample=False)
-            out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+                tokens = self.model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+            out.append(self.tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
         return out
 
 

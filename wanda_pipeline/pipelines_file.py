@@ -232,6 +232,20 @@ def pipeline_spec(doc: PipelinesFile, name: str, overrides: list[str] | None = N
     return apply_overrides(spec, overrides, f"pipelines.{name}") if overrides else spec
 
 
+def sweep_overrides(doc: PipelinesFile, name: str, overrides: list[str]) -> PipelinesFile:
+    """The file with ``sweep NAME --set key=value`` applied to every pipeline the sweep runs."""
+    if name not in doc.sweeps or not overrides:
+        return doc
+    sw = doc.sweeps[name]
+    if sw.sparsities and any(o.split("=", 1)[0].strip() == "pruner.sparsity" for o in overrides):
+        raise ConfigError(f"--set pruner.sparsity: sweep {name!r} sets the sparsity of each point "
+                          f"({sw.sparsities}); change `sparsities` in the file instead")
+    pipelines = dict(doc.pipelines)
+    for p in {sw.pipeline, *sw.pipelines} & set(pipelines):
+        pipelines[p] = apply_overrides(pipelines[p], overrides, f"pipelines.{p}")
+    return doc.model_copy(update={"pipelines": pipelines})
+
+
 def sweep_points(doc: PipelinesFile, name: str) -> list[dict]:
     """The points of a sweep as ``{"pipeline": label, "spec": dict}`` (what the sweep flow takes)."""
     if name not in doc.sweeps:

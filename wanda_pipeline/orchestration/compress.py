@@ -19,7 +19,11 @@ from wanda_pipeline.run import execute
 
 
 def prefect_stage(name: str, fn, *args: Any, cache_key: str | None = None) -> Any:
-    """A ``run_stage`` hook for :func:`execute`: run the stage as a task named after it."""
+    """A ``run_stage`` hook for :func:`execute`: run the stage as a task named after it (on a CPU,
+    saying first about how long a long one will take)."""
+    from wanda_pipeline.estimate import before_stage
+
+    before_stage(name, args)
     if cache_key:
         wrapped = task(fn, name=name, cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda *_: cache_key),
                        cache_expiration=timedelta(days=30), persist_result=True)

@@ -211,33 +211,16 @@ class MLflowTracker:
     # ------------------------------------------------------------ models
     @_tracked
     def log_model(self, folder: str | Path, metadata: dict[str, Any]) -> str:
-        """Log a saved model folder as a pyfunc (loader module, safetensors, no pickle), the folder
-        at the model's root so the registered version is directly servable."""
-        import torch
-        import transformers
-        from mlflow.models import Model
+        """Log a saved model folder to the active run (transformers flavour for transformers
+        checkpoints, this package's pyfunc for bitmask-v1; see :mod:`.model_logging`)."""
+        from wanda_pipeline.tracking.model_logging import log_folder
 
-        from wanda_pipeline import __version__, mlflow_model
-
-        info = Model.log(
-            None,  # artifact_path: deprecated in MLflow 3 but still positional
-            name="model",
-            flavor=mlflow_model,
-            folder=str(folder),
-            pip_requirements=[f"wanda-pipeline=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                              f"transformers=={transformers.__version__}"],
-            metadata=metadata,
-        )
-        return info.model_uri
+        return log_folder(folder, metadata)
 
     def load_model(self, uri: str):
         """(model, tokenizer) from ``runs:/...``, ``models:/name@alias`` or ``models:/name/version``."""
-        import yaml
-
         from wanda_pipeline.mlflow_model import load_folder
+        from wanda_pipeline.tracking.model_logging import model_folders
 
         self._connect()
-        local = Path(self._mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        conf = yaml.safe_load((local / "MLmodel").read_text())
-        data = conf["flavors"]["python_function"]["data"]
-        return load_folder(local / data)
+        return load_folder(*model_folders(self._mlflow.artifacts.download_artifacts(artifact_uri=uri)))
