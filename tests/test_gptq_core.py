@@ -161,7 +161,7 @@ def test_the_plugin_records_codes_the_exporter_recovers(dtype):
 def test_config_defaults_are_pinned_and_unknown_options_refused():
     c = GPTQConfig()
     assert c.model_dump() == {"bits": 4, "group_size": 128, "symmetric": True, "scale_bits": 16, "percdamp": 0.01,
-                              "blocksize": 128, "act_order": False, "max_damp_retries": 4}
+                              "blocksize": 128, "act_order": True, "max_damp_retries": 4}
     for bad in ({"bits": 3}, {"group_size": 0}, {"percdamp": 0}, {"blocksize": 0}, {"groupsize": 64}):
         with pytest.raises(ValidationError):
             GPTQConfig(**bad)

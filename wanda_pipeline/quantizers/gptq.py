@@ -44,7 +44,9 @@ class GPTQConfig(PluginConfig):
     scale_bits: int = Field(16, description="bits to store each scale (and zero point) in, for the size report")
     percdamp: float = Field(0.01, gt=0, description="dampening, as a fraction of the mean Hessian diagonal")
     blocksize: int = Field(128, gt=0, description="columns per lazy batch update (speed only)")
-    act_order: bool = Field(False, description="quantise columns by decreasing Hessian diagonal (static groups)")
+    # On by default: a smoke run on SmolLM2 (Wanda 50 %, int4 g64; calibration 8 x 256, 4 WikiText-2
+    # windows of 512) gave perplexity 79 with it and 97 without (Wanda alone 67, RTN int4 g128 114).
+    act_order: bool = Field(True, description="quantise columns by decreasing Hessian diagonal (static groups)")
     max_damp_retries: int = Field(4, ge=0, description="retries with 10x dampening if Cholesky fails")
 
 
