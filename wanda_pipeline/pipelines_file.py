@@ -130,14 +130,16 @@ def parse_document(raw: Any, registry=None, origin: str = DEFAULT_FILE) -> Pipel
 
     sweeps: dict[str, SweepSpec] = {}
     for name, body in (raw.get("sweeps") or {}).items():
+        raw_refs = [(body or {}).get("pipeline"), *((body or {}).get("pipelines") or [])] if isinstance(body, dict) \
+            else []
+        for ref in raw_refs:
+            if isinstance(ref, str) and ref not in pipelines_raw:
+                problems.append(f"sweeps.{name}: unknown pipeline {ref!r}")
         try:
             sweep = SweepSpec(**(body or {}))
         except ValidationError as exc:
             problems.extend(_pydantic_problems(exc, f"sweeps.{name}"))
             continue
-        for ref in [sweep.pipeline, *sweep.pipelines]:
-            if ref not in pipelines_raw:
-                problems.append(f"sweeps.{name}: unknown pipeline {ref!r}")
         body = pipelines_raw.get(sweep.pipeline)
         if registry is not None and isinstance(body, dict):
             for i, s in enumerate(sweep.sparsities):  # each point is checked by the pruner's own Config
@@ -245,4 +247,8 @@ def sweep_points(doc: PipelinesFile, name: str) -> list[dict]:
             spec = apply_overrides(base, [f"pruner.sparsity={s}"], f"sweeps.{name}") if s is not None else base
             label = f"{p}-s{s:g}" if s is not None else p
             points.append({"pipeline": label, "spec": spec.model_dump(by_alias=True)})
+    labels = [p["pipeline"] for p in points]
+    if not points or len(set(labels)) != len(labels):  # points are told apart by label (runs, tables)
+        raise ConfigError(f"sweeps.{name}: its points {labels} are empty or not distinct; list each sparsity "
+                          f"(distinct to 6 digits) and each pipeline once")
     return points
