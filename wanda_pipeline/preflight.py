@@ -51,7 +51,8 @@ def check_prunes_something(spec: PipelineSpec, plugins: Plugins, outputs: list[O
     if target is None or target > 0 or alloc.method == "owl" or any((alloc.ratios or {}).values()):
         return []
     fates = [f"saved to {o.path}" for o in outputs if o.what == "save folder"]
-    fates += [f"registered as {spec.registration.model_name or 'the pipeline name'!r}"] if registers else []
+    name = spec.registration.model_name
+    fates += [f"registered as {name!r}" if name else "registered"] if registers else []
     if not fates:
         return []
     return [ConfigError(f"pruner.sparsity is 0: nothing would be pruned, and the dense model would be "

@@ -74,13 +74,29 @@ def _check_folder(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
         return [DataError(f"{path} has no weights (*.safetensors or *.bin); re-save or re-download the model")]
     facts.files += [cfg_path, *weights]
     facts.weight_bytes = sum(w.stat().st_size for w in weights)
-    problems: list[WandaPipelineError] = []
+    problems: list[WandaPipelineError] = _check_index(path)
     for w in weights:
         if not os.access(w, os.R_OK):
             problems.append(DataError(f"{w} is not readable; fix its permissions"))
         elif w.suffix == ".safetensors" and (bad := check_safetensors(w)):
             problems.append(DataError(f"model file {w} is corrupt: {bad}. Re-save or re-download the model"))
     return problems
+
+
+def _check_index(folder: Path) -> list[WandaPipelineError]:
+    """A sharded checkpoint's index names shards that are there."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return []
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [DataError(f"{index} is not a readable shard index ({type(exc).__name__}: {exc}); re-download it")]
+    missing = sorted(s for s in shards if not (folder / s).is_file())
+    if missing:
+        return [DataError(f"{index} names {len(missing)} shard(s) that are not in {folder} ({', '.join(missing[:4])}); "
+                          f"download the missing shards or re-save the model")]
+    return []
 
 
 def _check_gguf(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
