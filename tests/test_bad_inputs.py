@@ -127,7 +127,8 @@ CASES = [
     ("sparsity-zero-saved", lambda t, m: prune(m, "--sparsity_ratio", "0", "--save_model", str(t / "prune-out")),
      {}, 2, ["sparsity is 0: nothing would be pruned", "saved to", "e.g. 0.5"]),
     ("sparsity-zero-registered", lambda t, m: ["run", "p", "-f", str(pipelines(t, str(m))), "--set",
-                                               "pruner.sparsity=0"], {}, 2, ["would be registered as if pruned", "register.enabled: false"]),
+                                               "pruner.sparsity=0"], {}, 2,
+     ["would be registered as if pruned", "register.enabled: false"]),
     ("config-more-layers-than-weights", lambda t, m: prune(corrupt_copy(m, t, "more-layers")), {}, 4,
      ["config.json: 3 decoder blocks, the weights: 2", "model.layers.2.", "initialise them randomly"]),
     ("weights-with-extra-layers", lambda t, m: prune(corrupt_copy(m, t, "fewer-layers")), {}, 4,
@@ -144,6 +145,8 @@ CASES = [
      ["has no tokenizer files", "save_pretrained"]),
     ("gguf-block-count-mismatch", lambda t, m: prune(gguf_file(t, "block-count")), {}, 4,
      ["llama.block_count=3", "tensors hold 2 blocks"]),
+    ("stream-a-gguf", lambda t, m: prune(gguf_file(t, "ok"), "--stream"), {}, 2,
+     ["--stream) reads safetensors shards", "has none; drop --stream"]),
     ("gguf-truncated", lambda t, m: prune(gguf_file(t, "truncated")), {}, 4, ["is corrupt or truncated"]),
     ("gguf-unknown-architecture", lambda t, m: prune(gguf_file(t, "unknown-arch")), {}, 4,
      ["architecture 'nosucharch'", "convert the model to a safetensors folder"]),
@@ -259,3 +262,13 @@ def test_unexpected_exception_is_one_line_with_exit_1(monkeypatch, capsys, tmp_p
     assert "--debug" in err
     assert main(["--debug", "validate", str(tmp_path / "x.yaml")]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_sparsity_zero_only_measures_the_dense_model(tmp_path, tiny_dir, monkeypatch, capsys):
+    """Sparsity 0 is allowed as a measurement of the dense model (the benches' dense row);
+    only saving or registering it as a pruned model is refused (rows sparsity-zero-*)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(prune(tiny_dir, "--sparsity_ratio", "0")) == 0
+    out = capsys.readouterr().out
+    assert "sparsity sanity check 0.0000" in out and "saved pruned model" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -166,6 +166,11 @@ def _block_counts(model: nn.Module, shapes: dict, rename) -> str:
 
 def model_problems(spec, facts: SourceFacts, weights: bool = True) -> list[WandaPipelineError]:
     """Everything this module checks, for one pipeline; ``weights=False``: the config-only part."""
+    if spec.engine.stream and (facts.gguf or (facts.config_dir and not any(f.suffix == ".safetensors"
+                                                                          for f in facts.files))):
+        return [ConfigError(f"engine.stream (--stream) reads safetensors shards block by block, and "
+                            f"{facts.gguf or facts.config_dir} has none; drop --stream, or convert the model to "
+                            f"safetensors first")]
     selecting = spec.engine.include or spec.engine.exclude or spec.allocation.method == "per_layer"
     files = [f for f in facts.files if f.suffix == ".safetensors"] if weights and facts.config_dir else []
     if not selecting and not files:
