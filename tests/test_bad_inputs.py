@@ -111,8 +111,8 @@ CASES = [
      ["sweeps.s: has no points"]),
     ("sweep-same-point-twice", lambda t, m: ["validate", _write(t / "s.yaml", SWEEP.replace("1.5", "0.5"))], {}, 2,
      ["the same point twice (0.5)", "list each sparsity and pipeline once"]),
-    ("sweep-points-not-distinct", lambda t, m: ["sweep", "s", "-f", _write(t / "s.yaml", SWEEP.replace(
-        "0.5, 1.5", "0.3333331, 0.3333332"))], {}, 2, ["p-s0.333333", "not distinct", "to 6 digits"]),
+    ("sweep-points-not-distinct", lambda t, m: ["sweep", "s", "-f", _write(t / "s.yaml", SWEEP_TINY.replace(
+        "MODEL", str(m)))], {}, 2, ["p-s0.333333", "not distinct", "to 6 digits"]),
     ("include-matches-nothing", lambda t, m: prune(m, "--include", "nosuchlinear"), {}, 2,
      ["--include) 'nosuchlinear' matches 0 of the 7 linears", "self_attn.q_proj", "nothing would be pruned"]),
     ("exclude-matches-everything", lambda t, m: prune(m, "--exclude", ".*"), {}, 2,
@@ -189,6 +189,12 @@ SWEEP_EMPTY = """pipelines:
   p: {model: {source: smollm2-135m}, pruner: {name: wanda}}
 sweeps:
   s: {pipeline: p, sparsities: []}
+"""
+SWEEP_TINY = """pipelines:
+  p: {model: {source: MODEL}, pruner: {name: wanda}, calibration: {nsamples: 2, seqlen: 64},
+      evaluators: [{name: sparsity}], register: {enabled: false}}
+sweeps:
+  s: {pipeline: p, sparsities: [0.3333331, 0.3333332]}
 """
 SWEEP_SAVE = """pipelines:
   p: {model: {source: MODEL}, pruner: {name: wanda}, save: prune-out}
@@ -272,3 +278,18 @@ def test_sparsity_zero_only_measures_the_dense_model(tmp_path, tiny_dir, monkeyp
     out = capsys.readouterr().out
     assert "sparsity sanity check 0.0000" in out and "saved pruned model" not in out
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_no_resume_may_start_over_in_a_checkpoint_folder(tmp_path, tiny_dir):
+    """Preflight lets --no_resume replace a folder that holds a checkpoint (the engine starts over
+    there); a folder holding anything else stays refused."""
+    from wanda_pipeline.config import PipelineSpec
+    from wanda_pipeline.preflight import check_outputs, spec_outputs
+    from wanda_pipeline.sourcecheck import SourceFacts
+
+    ours, theirs = Path(checkpoint(tmp_path, "missing-block")), Path(checkpoint(tmp_path, "not-a-checkpoint"))
+    for folder, refused in ((ours, False), (theirs, True)):
+        spec = PipelineSpec(model={"source": str(tiny_dir)}, pruner={"name": "wanda"},
+                            engine={"checkpoint_dir": str(folder), "resume": False})
+        problems = [str(p) for p in check_outputs(spec_outputs(spec), SourceFacts())]
+        assert bool(problems) == refused, problems
