@@ -112,6 +112,8 @@ def load_model(
     meta-device skeleton whose blocks the engine reads one at a time from safetensors shards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from wanda_pipeline.modelcheck import mismatch_error
+
     torch_dtype = parse_dtype(dtype)
     path, extra = resolve_source(source)
     if stream:
@@ -128,13 +130,13 @@ def load_model(
             f"could not load model {source!r}: {exc}. For a hub id, check the name and your network "
             f"(HF_HUB_OFFLINE=1 blocks the hub); or pass a local folder or .gguf file."
         ) from exc
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # transformers refuses weights of another shape than the config's
         if "mismatched" not in str(exc):
             raise
-        raise DataError(f"model {source!r}: some weights have another shape than its config.json says "
-                        f"(transformers: {str(exc)[:300]}). Use the config.json that came with these weights, or "
-                        f"re-save / re-download the model") from exc
-    _check_loading(source, loading)
+        raise mismatch_error(source, [], [], [str(exc)[:300]]) from exc
+    missing, unexpected = sorted(loading["missing_keys"]), sorted(loading["unexpected_keys"])
+    if missing or unexpected:  # again at load (preflight read the headers): no random, no dropped tensors
+        raise mismatch_error(source, missing, unexpected)
     if extra.get("gguf_file"):
         model.hf_quantizer = None
     model.eval()
@@ -153,16 +155,6 @@ def load_model(
     return model, tokenizer, info
 
 
-def _check_loading(source: str, loading: dict) -> None:
-    """Again at load (preflight read the headers): every parameter came from the weights, none was left over."""
-    missing, unexpected = sorted(loading.get("missing_keys") or []), sorted(loading.get("unexpected_keys") or [])
-    wrong = [str(k) for k in loading.get("mismatched_keys") or []]
-    if missing or unexpected or wrong:
-        from wanda_pipeline.modelcheck import mismatch_error
-
-        raise mismatch_error(source, missing, unexpected, wrong)
-
-
 def _load_streamed(source: str, path: str, extra: dict, torch_dtype: torch.dtype, dtype: str,
                    trust_remote_code: bool, revision: str | None) -> tuple[nn.Module, object, ModelInfo]:
     from transformers import AutoTokenizer
@@ -178,9 +170,9 @@ def _load_streamed(source: str, path: str, extra: dict, torch_dtype: torch.dtype
     src = ShardSource(model, folder)
     from wanda_pipeline.modelcheck import coverage_problems, header_shapes
 
-    problems = coverage_problems(model, header_shapes(sorted(folder.glob("*.safetensors"))), folder)
-    if problems:  # the shards are read block by block: a gap would surface half-way through
-        raise problems[0]
+    # the shards are read block by block: a gap would surface half-way through
+    for problem in coverage_problems(model, header_shapes(sorted(folder.glob("*.safetensors"))), folder):
+        raise problem
     info = ModelInfo(source=source, resolved_path=str(folder), family=getattr(model.config, "model_type", "?"),
                      n_blocks=len(src.blocks), blocks_path=src.blocks_path, dtype=dtype,
                      fingerprint=src.fingerprint(), max_positions=max_positions(model))

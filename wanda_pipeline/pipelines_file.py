@@ -130,11 +130,10 @@ def parse_document(raw: Any, registry=None, origin: str = DEFAULT_FILE) -> Pipel
 
     sweeps: dict[str, SweepSpec] = {}
     for name, body in (raw.get("sweeps") or {}).items():
-        raw_refs = [(body or {}).get("pipeline"), *((body or {}).get("pipelines") or [])] if isinstance(body, dict) \
-            else []
-        for ref in raw_refs:
-            if isinstance(ref, str) and ref not in pipelines_raw:
-                problems.append(f"sweeps.{name}: unknown pipeline {ref!r}")
+        raw_sweep = body if isinstance(body, dict) else {}  # references are checked even if the rest is wrong
+        others = raw_sweep.get("pipelines") if isinstance(raw_sweep.get("pipelines"), list) else []
+        problems += [f"sweeps.{name}: unknown pipeline {r!r}" for r in [raw_sweep.get("pipeline"), *others]
+                     if isinstance(r, str) and r not in pipelines_raw]
         try:
             sweep = SweepSpec(**(body or {}))
         except ValidationError as exc:

@@ -113,7 +113,7 @@ def _check_gguf(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
 def gguf_problems(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
     """The GGUF's header, metadata and tensor table (the gguf library maps the file; no weight is read)."""
     from gguf import GGUFReader
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as SUPPORTED
 
     try:
         reader = GGUFReader(path)
@@ -127,9 +127,11 @@ def gguf_problems(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
     arch = field("general.architecture")
     if not reader.tensors:
         return [DataError(f"GGUF file {path} holds no tensors; re-download it")]
-    if arch not in GGUF_CONFIG_MAPPING:
+    # llama.cpp spells a few names otherwise (qwen2moe, gpt-oss, t5encoder); transformers maps them
+    spelled = str(arch).replace("-", "_").replace("2moe", "2_moe").replace("3moe", "3_moe")
+    if arch not in SUPPORTED and spelled not in SUPPORTED and "t5" not in str(arch):
         return [DataError(f"GGUF file {path} has architecture {arch!r}, which transformers cannot load from GGUF "
-                          f"(it can: {', '.join(sorted(set(GGUF_CONFIG_MAPPING) - {'general', 'tokenizer'}))}); "
+                          f"(it can: {', '.join(sorted(set(SUPPORTED) - {'general', 'tokenizer'}))}); "
                           f"convert the model to a safetensors folder")]
     context = field(f"{arch}.context_length")
     facts.max_positions = context if isinstance(context, int) and context > 0 else None
