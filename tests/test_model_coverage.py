@@ -76,3 +76,17 @@ def test_the_load_refuses_weights_that_do_not_fit(saved, tmp_path, delta, stream
     smollm2_tokenizer.save_pretrained(bad)  # load_model reads the tokenizer first
     with pytest.raises(DataError, match="its weights do not match its config.json"):
         load_model(str(bad), stream=stream)
+
+
+def test_the_prune_stage_refuses_a_selection_of_nothing(tiny_dir):
+    """Preflight checks include/exclude on a local config; a hub model's config is only there after
+    the load, so the prune stage checks again before it saves the dense model as pruned."""
+    from wanda_pipeline import stages
+    from wanda_pipeline.errors import ConfigError
+    from wanda_pipeline.plugins import discover
+
+    spec = PipelineSpec(model={"source": str(tiny_dir)}, pruner={"name": "magnitude"}, engine={"exclude": "."})
+    loaded = stages.load(spec.model)
+    pruner = discover().create("pruner", "magnitude", {})
+    with pytest.raises(ConfigError, match="excludes all 7 linears"):
+        stages.prune(loaded, None, pruner, spec)
