@@ -6,13 +6,13 @@ MLflow run, no registered version)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tests.bad_input_files import checkpoint, corrupt_copy, gguf_file, write
 from tests.conftest import free_port, needs_data
 from wanda_pipeline.cli import main
 
@@ -33,21 +33,6 @@ def pipelines(tmp: Path, model: str, **over) -> Path:
 
 def prune(model, *extra):
     return ["prune", "--model", str(model), "--nsamples", "2", "--seqlen", "64", "--eval-windows", "2", *extra]
-
-
-def corrupt_copy(tiny: Path, tmp: Path, how: str) -> Path:
-    bad = tmp / f"model-{how}"
-    shutil.copytree(tiny, bad)
-    if how == "truncated":
-        f = bad / "model.safetensors"
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    elif how == "no-config":
-        (bad / "config.json").unlink()
-    elif how == "bad-config":
-        (bad / "config.json").write_text("{not json")
-    elif how == "no-weights":
-        (bad / "model.safetensors").unlink()
-    return bad
 
 
 # (id, build(tmp, tiny) -> argv, env overrides, exit code, fragments: the problem and the fix)
@@ -119,6 +104,76 @@ CASES = [
     ("many-problems-at-once", lambda t, m: prune(t / "no-model", "--device", "cuda", "--sparsity_type", "2:4",
                                                  "--sparsity_ratio", "0.6"), {}, 2,
      ["3 problem(s)", "prunes exactly", "does not exist", "no usable CUDA"]),
+    # silently nothing, or the wrong thing (issue 20)
+    ("sweep-without-points", lambda t, m: ["validate", _write(t / "s.yaml", SWEEP_EMPTY)], {}, 2,
+     ["sweeps.s: has no points", "`sparsities` is empty", "give e.g. sparsities"]),
+    ("sweep-run-without-points", lambda t, m: ["sweep", "s", "-f", _write(t / "s.yaml", SWEEP_EMPTY)], {}, 2,
+     ["sweeps.s: has no points"]),
+    ("sweep-same-point-twice", lambda t, m: ["validate", _write(t / "s.yaml", SWEEP.replace("1.5", "0.5"))], {}, 2,
+     ["the same point twice (0.5)", "list each sparsity and pipeline once"]),
+    ("sweep-points-not-distinct", lambda t, m: ["sweep", "s", "-f", _write(t / "s.yaml", SWEEP_TINY.replace(
+        "MODEL", str(m)))], {}, 2, ["p-s0.333333", "not distinct", "to 6 digits"]),
+    ("include-matches-nothing", lambda t, m: prune(m, "--include", "nosuchlinear"), {}, 2,
+     ["--include) 'nosuchlinear' matches 0 of the 7 linears", "self_attn.q_proj", "nothing would be pruned"]),
+    ("exclude-matches-everything", lambda t, m: prune(m, "--exclude", ".*"), {}, 2,
+     ["--exclude) '.*' excludes all 7 linears", "mlp.down_proj", "nothing would be pruned"]),
+    ("include-then-exclude-leave-nothing", lambda t, m: prune(m, "--include", "mlp", "--exclude", "proj"), {}, 2,
+     ["excludes all 3 linears that include matches", "mlp.gate_proj"]),
+    ("include-not-a-regex", lambda t, m: prune(m, "--include", "mlp.("), {}, 2, ["'mlp.(' is not a valid regex"]),
+    ("validate-exclude-everything", lambda t, m: ["validate", str(pipelines(t, str(m), engine={"exclude": "."}))],
+     {}, 2, ["pipelines.p:", "excludes all 7 linears"]),
+    ("per-layer-ratio-beyond-blocks", lambda t, m: ["run", "p", "-f", str(pipelines(t, str(m), allocation={
+        "method": "per_layer", "ratios": {5: 0.5}}))], {}, 2, ["names blocks [5]", "blocks 0..1"]),
+    ("sparsity-zero-saved", lambda t, m: prune(m, "--sparsity_ratio", "0", "--save_model", str(t / "prune-out")),
+     {}, 2, ["sparsity is 0: nothing would be pruned", "saved to", "e.g. 0.5"]),
+    ("sparsity-zero-registered", lambda t, m: ["run", "p", "-f", str(pipelines(t, str(m))), "--set",
+                                               "pruner.sparsity=0"], {}, 2,
+     ["would be registered as if pruned", "register.enabled: false"]),
+    ("config-more-layers-than-weights", lambda t, m: prune(corrupt_copy(m, t, "more-layers")), {}, 4,
+     ["config.json: 3 decoder blocks, the weights: 2", "model.layers.2.", "initialise them randomly"]),
+    ("weights-with-extra-layers", lambda t, m: prune(corrupt_copy(m, t, "fewer-layers")), {}, 4,
+     ["config.json: 1 decoder blocks, the weights: 2", "model.layers.1.", "would drop them"]),
+    ("weights-of-another-shape", lambda t, m: prune(corrupt_copy(m, t, "other-shape")), {}, 4,
+     ["have another shape", "mlp.up_proj.weight is 64x32 in the weights, 80x32 in config.json"]),
+    ("validate-deep-weights-mismatch", lambda t, m: ["validate", "--deep", str(pipelines(
+        t, str(corrupt_copy(m, t, "more-layers"))))], {}, 4, ["its weights do not match its config.json"]),
+    ("index-names-missing-shard", lambda t, m: prune(corrupt_copy(m, t, "index-missing-shard")), {}, 4,
+     ["model.safetensors.index.json names 1 shard(s)", "model-00002-of-00002.safetensors"]),
+    ("tokenizer-json-corrupt", lambda t, m: prune(corrupt_copy(m, t, "bad-tokenizer")), {}, 4,
+     ["tokenizer file", "tokenizer.json is not readable JSON"]),
+    ("no-tokenizer-files", lambda t, m: prune(corrupt_copy(m, t, "no-tokenizer")), {}, 4,
+     ["has no tokenizer files", "save_pretrained"]),
+    ("gguf-block-count-mismatch", lambda t, m: prune(gguf_file(t, "block-count")), {}, 4,
+     ["llama.block_count=3", "tensors hold 2 blocks"]),
+    ("stream-a-gguf", lambda t, m: prune(gguf_file(t, "ok"), "--stream"), {}, 2,
+     ["--stream) reads safetensors shards", "has none; drop --stream"]),
+    ("gguf-truncated", lambda t, m: prune(gguf_file(t, "truncated")), {}, 4, ["is corrupt or truncated"]),
+    ("gguf-unknown-architecture", lambda t, m: prune(gguf_file(t, "unknown-arch")), {}, 4,
+     ["architecture 'nosucharch'", "convert the model to a safetensors folder"]),
+    ("gguf-without-tokenizer", lambda t, m: prune(gguf_file(t, "no-tokenizer")), {}, 4,
+     ["has no tokenizer (no tokenizer.ggml.tokens"]),
+    ("calibration-text-not-a-string", lambda t, m: prune(m, "--calibration", write(
+        t / "n.jsonl", '{"text": "ok"}\n{"text": 5}\n')), {}, 4, ["n.jsonl: 1 bad line(s)", 'line 2: "text" is int']),
+    ("calibration-several-bad-lines", lambda t, m: prune(m, "--calibration", write(
+        t / "b.jsonl", '{"text": "ok"}\n{oops\n\n{"txt": "x"}\n[1]\n')), {}, 4,
+     ["3 bad line(s)", "line 2: is not valid JSON", 'line 4: has no "text" field', "line 5:"]),
+    ("calibration-not-utf8", lambda t, m: prune(m, "--calibration", write(t / "l.txt", b"caf\xe9 " * 50)), {}, 4,
+     ["l.txt", "is not UTF-8", "convert it to UTF-8"]),
+    ("calibration-jsonl-not-utf8", lambda t, m: prune(m, "--calibration", write(
+        t / "u.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')), {}, 4, ["line 2: not UTF-8"]),
+    ("calibration-unsupported-format", lambda t, m: prune(m, "--calibration", write(t / "d.csv", "a,b\n")), {}, 2,
+     ["unsupported data file d.csv", ".jsonl"]),
+    ("calibration-too-short-for-seqlen", lambda t, m: prune(m, "--calibration", write(
+        t / "s.jsonl", '{"text": "a short document"}\n' * 20)), {}, 4,
+     ["no calibration document", "longer than seqlen=64 tokens", "the longest: ", "Lower calibration.seqlen"]),
+    ("eval-file-bad-record", lambda t, m: prune(m, "--eval-path", write(t / "e.jsonl", '{"text": null}\n')), {}, 4,
+     ["evaluator 'perplexity' file", '"text" is NoneType']),
+    ("checkpoint-manifest-corrupt", lambda t, m: prune(m, "--checkpoint_dir", checkpoint(t, "corrupt-manifest")),
+     {}, 4, ["manifest.json is corrupt", "not readable JSON", "--no_resume"]),
+    ("checkpoint-block-missing", lambda t, m: prune(m, "--checkpoint_dir", checkpoint(t, "missing-block")), {}, 4,
+     ["block-00000.safetensors, which it counts as written", "--no_resume"]),
+    ("checkpoint-dir-not-a-checkpoint", lambda t, m: prune(m, "--checkpoint_dir", checkpoint(
+        t, "not-a-checkpoint")), {}, 7, ["holds no checkpoint", "--checkpoint_dir"]),
 ]
 
 DUPLICATE = """pipelines:
@@ -130,6 +185,17 @@ SWEEP = """pipelines:
 sweeps:
   s: {pipeline: p, sparsities: [0.5, 1.5]}
 """
+SWEEP_EMPTY = """pipelines:
+  p: {model: {source: smollm2-135m}, pruner: {name: wanda}}
+sweeps:
+  s: {pipeline: p, sparsities: []}
+"""
+SWEEP_TINY = """pipelines:
+  p: {model: {source: MODEL}, pruner: {name: wanda}, calibration: {nsamples: 2, seqlen: 64},
+      evaluators: [{name: sparsity}], register: {enabled: false}}
+sweeps:
+  s: {pipeline: p, sparsities: [0.3333331, 0.3333332]}
+"""
 SWEEP_SAVE = """pipelines:
   p: {model: {source: MODEL}, pruner: {name: wanda}, save: prune-out}
 sweeps:
@@ -138,8 +204,7 @@ sweeps:
 
 
 def _write(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
+    return write(path, text)
 
 
 def _folder(path: Path) -> str:
@@ -186,8 +251,8 @@ def test_bad_input(case, build, env, code, fragments, tmp_path, tiny_dir, monkey
         assert (tmp_path / "keep" / "precious.txt").read_text() == "the user's file"
 
 
-def test_table_has_at_least_25_cases():
-    assert len(CASES) >= 25
+def test_table_has_at_least_60_cases():
+    assert len(CASES) >= 60
 
 
 def test_unexpected_exception_is_one_line_with_exit_1(monkeypatch, capsys, tmp_path):
@@ -203,3 +268,28 @@ def test_unexpected_exception_is_one_line_with_exit_1(monkeypatch, capsys, tmp_p
     assert "--debug" in err
     assert main(["--debug", "validate", str(tmp_path / "x.yaml")]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_sparsity_zero_only_measures_the_dense_model(tmp_path, tiny_dir, monkeypatch, capsys):
+    """Sparsity 0 is allowed as a measurement of the dense model (the benches' dense row);
+    only saving or registering it as a pruned model is refused (rows sparsity-zero-*)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(prune(tiny_dir, "--sparsity_ratio", "0")) == 0
+    out = capsys.readouterr().out
+    assert "sparsity sanity check 0.0000" in out and "saved pruned model" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_no_resume_may_start_over_in_a_checkpoint_folder(tmp_path, tiny_dir):
+    """Preflight lets --no_resume replace a folder that holds a checkpoint (the engine starts over
+    there); a folder holding anything else stays refused."""
+    from wanda_pipeline.config import PipelineSpec
+    from wanda_pipeline.preflight import check_outputs, spec_outputs
+    from wanda_pipeline.sourcecheck import SourceFacts
+
+    ours, theirs = Path(checkpoint(tmp_path, "missing-block")), Path(checkpoint(tmp_path, "not-a-checkpoint"))
+    for folder, refused in ((ours, False), (theirs, True)):
+        spec = PipelineSpec(model={"source": str(tiny_dir)}, pruner={"name": "wanda"},
+                            engine={"checkpoint_dir": str(folder), "resume": False})
+        problems = [str(p) for p in check_outputs(spec_outputs(spec), SourceFacts())]
+        assert bool(problems) == refused, problems

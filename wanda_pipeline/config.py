@@ -76,6 +76,15 @@ class EngineSpec(_Strict):
     stream: bool = Field(False, description="stream weights block by block from safetensors shards (models "
                                             "bigger than host RAM); the pruned model is written as it goes")
 
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        try:
+            re.compile(v or "")
+        except re.error as exc:
+            raise ValueError(f"{v!r} is not a valid regex ({exc}); e.g. 'mlp\\.down_proj'") from None
+        return v
+
 
 class GateSpec(_Strict):
     """Promotion gates; docs/evaluation.md says exactly what each one decides and how sure it is."""
@@ -195,6 +204,20 @@ class SweepSpec(_Strict):
     pipeline: str
     sparsities: list[float] = Field(default_factory=list)
     pipelines: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _has_distinct_points(self):
+        # No sparsities and no other pipelines would run the base pipeline once and call it a sweep.
+        if not self.sparsities and not self.pipelines:
+            raise ValueError(f"has no points: `sparsities` is empty and `pipelines` names no other pipeline than "
+                             f"{self.pipeline!r}; give e.g. sparsities: [0.3, 0.5] or pipelines: [other]")
+        repeated = sorted({s for s in self.sparsities if self.sparsities.count(s) > 1})
+        names = [self.pipeline, *self.pipelines]
+        repeated_names = sorted({n for n in names if names.count(n) > 1})
+        if repeated or repeated_names:
+            raise ValueError(f"the same point twice ({', '.join(map(str, repeated + repeated_names))}): each would "
+                             f"run, track and register again; list each sparsity and pipeline once")
+        return self
 
 
 class PipelinesFile(_Strict):

@@ -55,23 +55,44 @@ def read_local_documents(path: Path) -> list[str]:
     if not path.exists():
         raise DataError(f"data file {path} does not exist; check the path or set ${DATA_DIR_ENV}")
     if path.suffix == ".jsonl":
-        docs = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict) or "text" not in row:
-                    raise DataError(f'{path}:{lineno} has no "text" field; each line needs {{"text": ...}}')
-                docs.append(row["text"])
-        return docs
+        return _jsonl_texts(path)
     if path.suffix in (".txt", ".raw"):
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8") from None
         return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
     raise ConfigError(f"unsupported data file {path.name}: use .jsonl (with a 'text' field) or .txt")
+
+
+def _jsonl_texts(path: Path, shown: int = 5) -> list[str]:
+    """Every line a JSON object with a string ``text``; else one error naming the bad lines."""
+    docs, bad = [], []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad.append(f"line {lineno}: not UTF-8 (byte {exc.start} of the line)")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                bad.append(f"line {lineno}: is not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(row, dict) or "text" not in row:
+                bad.append(f'line {lineno}: has no "text" field ({type(row).__name__})')
+            elif not isinstance(row["text"], str):
+                bad.append(f'line {lineno}: "text" is {type(row["text"]).__name__}, not a string')
+            else:
+                docs.append(row["text"])
+    if bad:
+        more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise DataError(f"{path}: {len(bad)} bad line(s), each line needs a JSON object "
+                        f'{{"text": "..."}}: ' + "; ".join(bad[:shown]) + more)
+    return docs
 
 
 def load_documents(source: str, split: str = "train", path: str | None = None) -> list[str]:

@@ -112,6 +112,8 @@ def load_model(
     meta-device skeleton whose blocks the engine reads one at a time from safetensors shards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from wanda_pipeline.modelcheck import mismatch_error
+
     torch_dtype = parse_dtype(dtype)
     path, extra = resolve_source(source)
     if stream:
@@ -121,12 +123,20 @@ def load_model(
         kwargs["revision"] = revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
+                                                              **kwargs)
     except OSError as exc:
         raise DataError(
             f"could not load model {source!r}: {exc}. For a hub id, check the name and your network "
             f"(HF_HUB_OFFLINE=1 blocks the hub); or pass a local folder or .gguf file."
         ) from exc
+    except RuntimeError as exc:  # transformers refuses weights of another shape than the config's
+        if "mismatched" not in str(exc):
+            raise
+        raise mismatch_error(source, [], [], [str(exc)[:300]]) from exc
+    missing, unexpected = sorted(loading["missing_keys"]), sorted(loading["unexpected_keys"])
+    if missing or unexpected:  # again at load (preflight read the headers): no random, no dropped tensors
+        raise mismatch_error(source, missing, unexpected)
     if extra.get("gguf_file"):
         model.hf_quantizer = None
     model.eval()
@@ -158,6 +168,11 @@ def _load_streamed(source: str, path: str, extra: dict, torch_dtype: torch.dtype
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = build_skeleton(folder, torch_dtype, trust_remote_code)
     src = ShardSource(model, folder)
+    from wanda_pipeline.modelcheck import coverage_problems, header_shapes
+
+    # the shards are read block by block: a gap would surface half-way through
+    for problem in coverage_problems(model, header_shapes(sorted(folder.glob("*.safetensors"))), folder):
+        raise problem
     info = ModelInfo(source=source, resolved_path=str(folder), family=getattr(model.config, "model_type", "?"),
                      n_blocks=len(src.blocks), blocks_path=src.blocks_path, dtype=dtype,
                      fingerprint=src.fingerprint(), max_positions=max_positions(model))

@@ -130,14 +130,15 @@ def parse_document(raw: Any, registry=None, origin: str = DEFAULT_FILE) -> Pipel
 
     sweeps: dict[str, SweepSpec] = {}
     for name, body in (raw.get("sweeps") or {}).items():
+        raw_sweep = body if isinstance(body, dict) else {}  # references are checked even if the rest is wrong
+        others = raw_sweep.get("pipelines") if isinstance(raw_sweep.get("pipelines"), list) else []
+        problems += [f"sweeps.{name}: unknown pipeline {r!r}" for r in [raw_sweep.get("pipeline"), *others]
+                     if isinstance(r, str) and r not in pipelines_raw]
         try:
             sweep = SweepSpec(**(body or {}))
         except ValidationError as exc:
             problems.extend(_pydantic_problems(exc, f"sweeps.{name}"))
             continue
-        for ref in [sweep.pipeline, *sweep.pipelines]:
-            if ref not in pipelines_raw:
-                problems.append(f"sweeps.{name}: unknown pipeline {ref!r}")
         body = pipelines_raw.get(sweep.pipeline)
         if registry is not None and isinstance(body, dict):
             for i, s in enumerate(sweep.sparsities):  # each point is checked by the pruner's own Config
@@ -259,4 +260,8 @@ def sweep_points(doc: PipelinesFile, name: str) -> list[dict]:
             spec = apply_overrides(base, [f"pruner.sparsity={s}"], f"sweeps.{name}") if s is not None else base
             label = f"{p}-s{s:g}" if s is not None else p
             points.append({"pipeline": label, "spec": spec.model_dump(by_alias=True)})
+    labels = [p["pipeline"] for p in points]
+    if not points or len(set(labels)) != len(labels):  # points are told apart by label (runs, tables)
+        raise ConfigError(f"sweeps.{name}: its points {labels} are empty or not distinct; list each sparsity "
+                          f"(distinct to 6 digits) and each pipeline once")
     return points

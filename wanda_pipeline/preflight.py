@@ -7,20 +7,19 @@ that lists each with its fix.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from wanda_pipeline.config import PipelineSpec, SaveSpec
-from wanda_pipeline.data import local_document_file
-from wanda_pipeline.errors import ConfigError, DataError, OutputError, PreflightError, WandaPipelineError
+from wanda_pipeline.datacheck import check_data, check_tokenizer
+from wanda_pipeline.errors import ConfigError, OutputError, PreflightError, WandaPipelineError
+from wanda_pipeline.modelcheck import model_problems
 from wanda_pipeline.plugins import Registry, discover
 from wanda_pipeline.quantizers.calibrated import calibrated_stats
 from wanda_pipeline.regional.visitor import block_level_problems
-from wanda_pipeline.sourcecheck import SourceFacts, can_write, check_model, check_text_file
+from wanda_pipeline.sourcecheck import SourceFacts, can_write, check_model
 from wanda_pipeline.stages import Plugins, build_plugins
 
 
@@ -32,6 +31,7 @@ class Output:
     what: str
     overwrite: bool = False
     needs_bytes: int = 0
+    hint: str = "choose a new folder, or pass --overwrite (pipelines: save.overwrite: true) to replace it"
 
 
 @dataclass
@@ -43,26 +43,24 @@ class Checked:
     source: SourceFacts
 
 
-def _offline(var: str) -> bool:
-    return os.environ.get(var, "").lower() in ("1", "true", "yes")
+def check_prunes_something(spec: PipelineSpec, plugins: Plugins, outputs: list[Output],
+                           registers: bool) -> list[WandaPipelineError]:
+    """Sparsity 0 is a dense measurement: allowed, but never saved or registered as a pruned model."""
+    from wanda_pipeline.errors import ConfigError
 
-
-def check_data(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]:
-    problems: list[WandaPipelineError] = []
-    cal = spec.calibration
-    # unknown pruner: assume it needs data; reconstruction and a calibrated quantizer (gptq) do
-    needs_data = (plugins.pruner is None or plugins.pruner.required_stats() or spec.reconstruct is not None
-                  or calibrated_stats(plugins.quantizer))
-    if needs_data and cal.source != "self":
-        local = local_document_file(cal.source, "train", cal.path)
-        if local is not None:
-            problems += check_text_file(local, "calibration")
-        elif _offline("HF_DATASETS_OFFLINE"):
-            problems.append(DataError(f"calibration source {cal.source!r} has no local file and HF_DATASETS_OFFLINE=1; "
-                                      f"set $WANDA_DATA_DIR to the data folder or give calibration.path"))
-    for key, ev in plugins.evaluators.items():
-        problems += _evaluator_data(key, ev.config)
-    return problems
+    alloc = spec.allocation
+    target = getattr(getattr(plugins.pruner, "config", None), "target_sparsity", None)
+    if target is None or target > 0 or alloc.method == "owl" or any((alloc.ratios or {}).values()):
+        return []
+    fates = [f"saved to {o.path}" for o in outputs if o.what == "save folder"]
+    name = spec.registration.model_name
+    fates += [f"registered as {name!r}" if name else "registered"] if registers else []
+    if not fates:
+        return []
+    return [ConfigError(f"pruner.sparsity is 0: nothing would be pruned, and the dense model would be "
+                        f"{' and '.join(fates)} as if pruned. Give a sparsity in (0, 1), e.g. 0.5 (--sparsity_ratio); "
+                        f"to only measure the dense model, leave out `save` (--save_model) and set "
+                        f"register.enabled: false")]
 
 
 def check_quantizer(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineError]:
@@ -72,29 +70,6 @@ def check_quantizer(spec: PipelineSpec, plugins: Plugins) -> list[WandaPipelineE
         return [ConfigError(f"quantizer {spec.quantizer.name!r} quantizes the finished model, which a streamed run "
                             f"(engine.stream) never holds in memory; use gptq (it quantizes inside the block loop) "
                             f"or drop engine.stream")]
-    return []
-
-
-def _evaluator_data(key: str, cfg: Any) -> list[WandaPipelineError]:
-    path = getattr(cfg, "path", None)
-    if path:
-        p = Path(path).expanduser()
-        ok = p.exists() and p.stat().st_size > 0
-        return [] if ok else [DataError(f"evaluator {key!r} reads {path!r}, which is missing or empty; fix its `path`")]
-    dataset = getattr(cfg, "dataset", None)
-    if dataset and local_document_file(dataset, "test" if dataset == "wikitext2" else "validation") is None \
-            and _offline("HF_DATASETS_OFFLINE"):
-        return [DataError(f"evaluator {key!r} needs {dataset!r}, which has no local file and HF_DATASETS_OFFLINE=1; "
-                          f"set $WANDA_DATA_DIR to the data folder or give the evaluator a `path`")]
-    if getattr(cfg, "source", None) == "local" and hasattr(cfg, "tasks"):
-        from wanda_pipeline.evaluators.zeroshot import LOCAL_FILES
-        from wanda_pipeline.settings import data_dir
-
-        root = Path(cfg.data_dir) if getattr(cfg, "data_dir", None) else data_dir()
-        missing = [t for t in cfg.tasks if root is None or not (root / LOCAL_FILES[t]).exists()]
-        if missing:
-            return [DataError(f"evaluator {key!r}: no local data for tasks {missing} under {root}; "
-                              f"set its `data_dir` or $WANDA_DATA_DIR")]
     return []
 
 
@@ -155,8 +130,7 @@ def check_outputs(outputs: list[Output], facts: SourceFacts) -> list[WandaPipeli
             problems.append(OutputError(f"{out.what} {p} is a file, not a folder; choose a folder path"))
             continue
         if p.is_dir() and any(p.iterdir()) and not out.overwrite:
-            problems.append(OutputError(f"{out.what} {p} exists and is not empty; choose a new folder, or pass "
-                                        f"--overwrite (pipelines: save.overwrite: true) to replace it"))
+            problems.append(OutputError(f"{out.what} {p} exists and is not empty; {out.hint}"))
             continue
         base = _writable_ancestor(p)
         if base is None:
@@ -186,9 +160,12 @@ def spec_outputs(spec: PipelineSpec, save: SaveSpec | None = None) -> list[Outpu
     save = save or spec.save
     if save is not None:
         outs.append(Output(save.path, "save folder", save.overwrite))
-    checkpoint = getattr(spec.engine, "checkpoint_dir", None)  # added by the engine rewrite
-    if checkpoint:
-        outs.append(Output(checkpoint, "checkpoint folder", overwrite=bool(getattr(spec.engine, "resume", False))))
+    checkpoint = spec.engine.checkpoint_dir
+    if checkpoint and checkpoint != "auto":
+        # A folder with a checkpoint in it is resumed, or replaced with --no_resume; any other is the user's.
+        ours = (Path(checkpoint).expanduser() / "manifest.json").is_file()
+        outs.append(Output(checkpoint, "checkpoint folder", overwrite=ours,
+                           hint="it holds no checkpoint; choose an empty or new --checkpoint_dir"))
     return outs
 
 
@@ -197,9 +174,15 @@ def preflight(spec: PipelineSpec, tracker=None, outputs: list[Output] | None = N
     """Run every check; raise :class:`PreflightError` listing all problems, or return what was checked."""
     problems: list[WandaPipelineError] = []
     plugins = build_plugins(spec, registry or discover(), problems)  # each plugin's options validated once, here
-    facts, model_problems = check_model(spec.model)
-    problems += model_problems
-    problems += check_data(spec, plugins) + check_seqlens(spec, plugins, facts) + check_devices(spec, plugins)
+    facts, file_problems = check_model(spec.model)
+    tokenizer = None
+    if not file_problems:  # the files are whole: what they say can be compared
+        file_problems = model_problems(spec, facts)
+        tokenizer, tokenizer_problems = check_tokenizer(facts.config_dir, spec.model.trust_remote_code)
+        file_problems += tokenizer_problems
+    problems += file_problems
+    problems += check_data(spec, plugins, facts, tokenizer) + check_seqlens(spec, plugins, facts)
+    problems += check_devices(spec, plugins)
     if plugins.pruner is not None:
         problems += block_level_problems(plugins.pruner, spec.reconstruct, spec.engine.passes, spec.pruner.name)
     problems += check_quantizer(spec, plugins)
@@ -208,6 +191,8 @@ def preflight(spec: PipelineSpec, tracker=None, outputs: list[Output] | None = N
     for o in outs:
         o.needs_bytes = o.needs_bytes or (facts.weight_bytes if "folder" in o.what and "log" not in o.what else 0)
     problems += check_outputs(outs, facts)
+    if plugins.pruner is not None:
+        problems += check_prunes_something(spec, plugins, outs, tracker is not None and spec.registration.enabled)
     if tracker is not None:
         problems += check_tmp(facts.weight_bytes)
         try:
@@ -220,15 +205,16 @@ def preflight(spec: PipelineSpec, tracker=None, outputs: list[Output] | None = N
 
 
 def static_problems(spec: PipelineSpec, registry: Registry) -> tuple[list[WandaPipelineError], list[str]]:
-    """What ``validate`` adds without touching data or servers: (errors, notes). Errors: seqlen
-    against a local model's config.json. Notes: devices this machine lacks (the file may be
-    meant for another machine; preflight makes them errors at run time)."""
+    """What ``validate`` adds without touching data or servers: (errors, notes). Errors: seqlen,
+    include/exclude and per-layer ratios against a local model's config.json. Notes: devices this
+    machine lacks (the file may be meant for another machine; preflight makes them errors at run time)."""
     problems: list[WandaPipelineError] = []
     plugins = build_plugins(spec, registry, problems)
-    facts, _ = check_model(spec.model)
+    facts, file_problems = check_model(spec.model)
+    config = [] if file_problems else [p for p in model_problems(spec, facts, weights=False) if p.exit_code == 2]
     blocks = block_level_problems(plugins.pruner, spec.reconstruct, spec.engine.passes, spec.pruner.name) \
         if plugins.pruner is not None else []
-    return (check_seqlens(spec, plugins, facts) + blocks + _gates(spec, plugins),
+    return (config + check_seqlens(spec, plugins, facts) + blocks + _gates(spec, plugins),
             [str(p) for p in check_devices(spec, plugins)])
 
 

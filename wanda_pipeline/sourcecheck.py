@@ -21,6 +21,8 @@ class SourceFacts:
     files: list[Path] = field(default_factory=list)  # what a load reads
     max_positions: int | None = None
     weight_bytes: int = 0
+    config_dir: Path | None = None  # a folder whose config.json describes the model (None: GGUF or hub)
+    gguf: Path | None = None
 
     def contains(self, path: Path) -> bool:
         """True if ``path`` is one of the model's files or overlaps its folder."""
@@ -66,12 +68,13 @@ def _check_folder(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
     except (OSError, ValueError) as exc:
         return [DataError(f"{cfg_path} is not readable JSON ({exc}); re-save or re-download the model")]
     facts.max_positions = _max_positions(config)
+    facts.config_dir = path
     weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     if not weights:
         return [DataError(f"{path} has no weights (*.safetensors or *.bin); re-save or re-download the model")]
     facts.files += [cfg_path, *weights]
     facts.weight_bytes = sum(w.stat().st_size for w in weights)
-    problems: list[WandaPipelineError] = []
+    problems: list[WandaPipelineError] = _check_index(path)
     for w in weights:
         if not os.access(w, os.R_OK):
             problems.append(DataError(f"{w} is not readable; fix its permissions"))
@@ -80,15 +83,69 @@ def _check_folder(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
     return problems
 
 
+def _check_index(folder: Path) -> list[WandaPipelineError]:
+    """A sharded checkpoint's index names shards that are there."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return []
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [DataError(f"{index} is not a readable shard index ({type(exc).__name__}: {exc}); re-download it")]
+    missing = sorted(s for s in shards if not (folder / s).is_file())
+    if missing:
+        return [DataError(f"{index} names {len(missing)} shard(s) that are not in {folder} ({', '.join(missing[:4])}); "
+                          f"download the missing shards or re-save the model")]
+    return []
+
+
 def _check_gguf(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
     if not path.exists():
         return [DataError(f"GGUF file {path} does not exist; check the model path")]
     with path.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             return [DataError(f"{path} is not a GGUF file (bad magic bytes); re-download it")]
-    facts.folder, facts.files = path.parent, [path]
+    facts.folder, facts.files, facts.gguf = path.parent, [path], path
     facts.weight_bytes = path.stat().st_size * 8  # dequantised to float32: about 8x a 4-bit file
-    return []
+    return gguf_problems(path, facts)
+
+
+def gguf_problems(path: Path, facts: SourceFacts) -> list[WandaPipelineError]:
+    """The GGUF's header, metadata and tensor table (the gguf library maps the file; no weight is read)."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as SUPPORTED
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # the reader fails on a cut-off header, metadata or tensor table
+        return [DataError(f"GGUF file {path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-download it")]
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    arch = field("general.architecture")
+    if not reader.tensors:
+        return [DataError(f"GGUF file {path} holds no tensors; re-download it")]
+    # llama.cpp spells a few names otherwise (qwen2moe, gpt-oss, t5encoder); transformers maps them
+    spelled = str(arch).replace("-", "_").replace("2moe", "2_moe").replace("3moe", "3_moe")
+    if arch not in SUPPORTED and spelled not in SUPPORTED and "t5" not in str(arch):
+        return [DataError(f"GGUF file {path} has architecture {arch!r}, which transformers cannot load from GGUF "
+                          f"(it can: {', '.join(sorted(set(SUPPORTED) - {'general', 'tokenizer'}))}); "
+                          f"convert the model to a safetensors folder")]
+    context = field(f"{arch}.context_length")
+    facts.max_positions = context if isinstance(context, int) and context > 0 else None
+    problems: list[WandaPipelineError] = []
+    blocks = {t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}
+    declared = field(f"{arch}.block_count")
+    if declared is not None and declared != len(blocks):
+        problems.append(DataError(f"GGUF file {path}: its metadata says {arch}.block_count={declared}, but its "
+                                  f"tensors hold {len(blocks)} blocks; the missing ones would be random. "
+                                  f"Re-download or re-convert it"))
+    if field("tokenizer.ggml.tokens") is None:
+        problems.append(DataError(f"GGUF file {path} has no tokenizer (no tokenizer.ggml.tokens in its metadata); "
+                                  f"use a GGUF converted with its tokenizer, or a model folder"))
+    return problems
 
 
 def _check_hub(source: str, revision: str | None) -> list[WandaPipelineError]:
@@ -131,21 +188,6 @@ def check_model(spec: ModelSpec) -> tuple[SourceFacts, list[WandaPipelineError]]
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
         return facts, [ConfigError(f"model {source!r} is neither a local path nor a hub id like 'org/name'")]
     return facts, _check_hub(source, spec.revision)
-
-
-def check_text_file(path: Path, what: str) -> list[WandaPipelineError]:
-    """A local text/JSONL file exists and holds some text (JSONL: every line parses)."""
-    from wanda_pipeline.data import read_local_documents
-
-    if not path.exists():
-        return [DataError(f"{what} file {path} does not exist; fix the path (or set $WANDA_DATA_DIR)")]
-    try:
-        docs = read_local_documents(path) if path.suffix != ".txt" else [path.read_text(encoding="utf-8")]
-    except (WandaPipelineError, UnicodeDecodeError, OSError) as exc:
-        return [DataError(f"{what} file {path}: {exc}")]
-    if not any(d.strip() for d in docs):
-        return [DataError(f"{what} file {path} has no text; give a file with text in it")]
-    return []
 
 
 def can_write(folder: Path) -> bool:

@@ -123,8 +123,12 @@ def make_engine(spec: EngineSpec, progress: bool = True) -> LayerEngine:
 def prune(loaded: Loaded, windows: Windows | None, pruner: Any, spec: PipelineSpec,
           progress: bool = True, quantizer: Any = None) -> PruneOutcome:
     """Prune (and, for a calibrated ``quantizer``, quantize in the same block loop)."""
-    tokens = windows.tokens if windows is not None else None
+    from wanda_pipeline.modelcheck import selection_problems
+
     e = spec.engine
+    for problem in selection_problems(find_blocks(loaded.model)[1], e):  # preflight cannot see a hub model's
+        raise problem
+    tokens = windows.tokens if windows is not None else None
     io = streaming_io(loaded.model, spec.save.path if spec.save else None)
     outcome = prune_model(loaded.model, tokens, pruner, make_engine(e, progress), spec.allocation,
                           checkpoint_dir=e.checkpoint_dir, resume=e.resume, reconstruct=spec.reconstruct,

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from wanda_pipeline.engine.sink import atomic_save
-from wanda_pipeline.errors import ConfigError
+from wanda_pipeline.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -45,6 +45,25 @@ def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out.reshape(-1)[:numel].bool().reshape(shape)
 
 
+def manifest_problem(folder: Path, files: bool = True) -> str | None:
+    """What is wrong with the manifest in ``folder`` (and the block files it counts), or None."""
+    from wanda_pipeline.sourcecheck import check_safetensors
+
+    try:
+        found = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"not readable JSON ({exc})"
+    if not isinstance(found, dict) or not isinstance(found.get("fingerprint", {}), dict) \
+            or not all(isinstance(found.get(k), int) for k in ("n_blocks", "finished")):
+        return "not a checkpoint manifest (needs the integers n_blocks and finished, and a fingerprint)"
+    for name in [Checkpoint._block_name(i) for i in range(found["finished"])] if files else []:  # inputs: start()
+        path = folder / name
+        bad = check_safetensors(path) if path.exists() else "it is missing"
+        if bad:
+            return f"{name}, which it counts as written, is unusable: {bad}"
+    return None
+
+
 class Checkpoint:
     def __init__(self, folder: str | Path, fingerprint: dict, resume: bool = True):
         self.folder = Path(folder)
@@ -57,6 +76,7 @@ class Checkpoint:
         self.n_blocks = n_blocks
         manifest = self.folder / MANIFEST
         if manifest.exists() and self.resume:
+            self._refuse_corrupt(manifest_problem(self.folder, files=False))
             found = json.loads(manifest.read_text())
             if found.get("fingerprint") != self.fingerprint or found.get("n_blocks") != n_blocks:
                 diff = sorted(k for k in set(self.fingerprint) | set(found.get("fingerprint", {}))
@@ -65,6 +85,7 @@ class Checkpoint:
                     f"checkpoint {self.folder} belongs to another run (differs in: {', '.join(diff) or 'n_blocks'}); "
                     "pass --no_resume to start fresh there, or choose another --checkpoint_dir"
                 )
+            self._refuse_corrupt(manifest_problem(self.folder))
             finished = int(found["finished"])
             if finished and not (self.folder / self._inputs_name(finished)).exists() and finished < n_blocks:
                 raise ConfigError(f"checkpoint {self.folder} is incomplete (no inputs of block {finished}); "
@@ -78,6 +99,11 @@ class Checkpoint:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._write_manifest(0)
         return 0
+
+    def _refuse_corrupt(self, problem: str | None) -> None:
+        if problem:
+            raise DataError(f"checkpoint {self.folder / MANIFEST} is corrupt: {problem}; pass --no_resume "
+                            f"(engine.resume: false) to start fresh there, or remove {self.folder}")
 
     @staticmethod
     def _inputs_name(index: int) -> str:

@@ -25,12 +25,15 @@ def sparsity_figure(rows: list[dict], targets: list[float] | None = None):
 
 
 def sweep_figure(table: list[dict], metric: str):
+    """``metric`` against sparsity: the measured one where the sparsity evaluator ran, else the target."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    measured = all("sparsity_total" in r for r in table if metric in r)
+    x = "sparsity_total" if measured else "target"
     for name in sorted({r["pipeline"] for r in table}):
-        pts = sorted((r["sparsity_total"], r[metric]) for r in table if r["pipeline"] == name and metric in r)
+        pts = sorted((r[x], r[metric]) for r in table if r["pipeline"] == name and metric in r and r.get(x) is not None)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-    ax.set_xlabel("sparsity")
+    ax.set_xlabel("sparsity" if measured else "target sparsity (not measured: no 'sparsity' evaluator)")
     ax.set_ylabel(metric)
     ax.set_yscale("log")
     ax.legend()
