@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from wanda_pipeline.errors import TrackingError
+from wanda_pipeline.errors import TrackingError, note_run
 
 # MLflow's defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout).
 # A pipeline should fail in seconds instead; a user can still set these higher.
@@ -57,10 +57,39 @@ def _tracked(fn):
         except TrackingError:
             raise
         except Exception as exc:
+            from wanda_pipeline.errors import OutputError
+            from wanda_pipeline.fault_map import classify
+
+            mapped = classify(exc, hint=self.uri)
+            if isinstance(mapped, OutputError):  # e.g. the disk under a local artifact store is full
+                raise mapped from exc
             raise TrackingError(f"MLflow at {self.uri} failed in {fn.__name__}: {type(exc).__name__}: "
                                 f"{str(exc)[:300]}") from exc
 
     return wrapper
+
+
+@contextmanager
+def _first_setup(uri: str) -> Iterator[None]:
+    """One process at a time opens a sqlite store: MLflow migrates a new file without a lock, and
+    two runs starting together on one fresh file break each other's migration ("duplicate column").
+    The lock file lives next to the database; an existing store holds it for milliseconds."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    lock = FileLock(str(db.parent / f".{db.name}.lock"))
+    try:
+        lock.acquire(timeout=600)
+    except Timeout:
+        raise TrackingError(f"another process has held {lock.lock_file} for 10 minutes while opening {db}; "
+                            f"if none is running, delete the lock file") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class MLflowTracker:
@@ -126,25 +155,40 @@ class MLflowTracker:
     def _connect(self) -> None:
         if self._client is not None:
             return
+        with _first_setup(self.uri):
+            try:
+                self._open()
+            except TrackingError:
+                raise
+            except Exception as exc:
+                from wanda_pipeline.fault_map import classify
+
+                mapped = classify(exc, hint=self.uri)
+                if mapped is not None and getattr(mapped, "fault", "") == "mlflow-unsupported-uri":
+                    raise mapped from None
+                raise TrackingError(f"cannot open MLflow experiment {self.experiment_name!r} at {self.uri}: "
+                                    f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    def _open(self) -> None:
+        """Client, store (a new sqlite file is migrated here), registry store, and the experiment."""
         from mlflow import MlflowClient
 
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
-        self._client = MlflowClient(self.uri, self.uri)
-        try:
-            exp = self._client.get_experiment_by_name(self.experiment_name)
-            if exp is None:
-                location = None
-                if self.uri.startswith("sqlite:///"):
-                    root = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-                    location = (root / self.experiment_name).resolve().as_uri()
-                self._experiment_id = self._client.create_experiment(self.experiment_name,
-                                                                     artifact_location=location)
-            else:
-                self._experiment_id = exp.experiment_id
-        except Exception as exc:
-            raise TrackingError(f"cannot open MLflow experiment {self.experiment_name!r} at {self.uri}: {exc}") from exc
+        client = MlflowClient(self.uri, self.uri)
+        exp = client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                root = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+                location = (root / self.experiment_name).resolve().as_uri()
+            self._experiment_id = client.create_experiment(self.experiment_name, artifact_location=location)
+        else:
+            self._experiment_id = exp.experiment_id
+        if self.uri.startswith("sqlite:///"):
+            client.search_registered_models(max_results=1)  # the registry's store: set up inside the lock too
+        self._client = client
 
     @property
     def client(self):
@@ -161,20 +205,24 @@ class MLflowTracker:
                                             nested=nested)
         except Exception as exc:
             raise TrackingError(f"cannot start an MLflow run at {self.uri}: {type(exc).__name__}: {exc}") from None
-        status = "FAILED"
+        status, error = "FAILED", None
         try:
             yield active.info.run_id
             status = "FINISHED"
-        except Exception:
+        except Exception as exc:
+            error = exc
             raise
-        except BaseException:  # our Interrupted, Prefect's TerminationSignal, SystemExit: a signal, not a bug
-            status = "KILLED"
+        except BaseException as exc:  # our Interrupted, Prefect's TerminationSignal, SystemExit: a signal, not a bug
+            status, error = "KILLED", exc
             raise
         finally:
+            ended: str | None = status
             try:
                 self._mlflow.end_run(status)
             except Exception:  # the server may be the thing that failed; never hide the first error
-                pass
+                ended = None
+            if error is not None:  # so the CLI's last line can name the run
+                note_run(error, active.info.run_id, self.uri, ended)
 
     @_tracked
     def log_params(self, params: dict[str, Any]) -> None:
