@@ -10,6 +10,7 @@ a failed stage (5) inside a stage, and a bug (1) outside one: exit 1 means a bug
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import sys
@@ -89,7 +90,8 @@ def _frame_file(exc: BaseException) -> str | None:
         for frame in frames[::-1][:12]:
             for key, value in list(frame.f_locals.items()):
                 if any(h in key.lower() for h in _NAME_HINTS):
-                    value = getattr(value, "name", value)  # an open file
+                    if isinstance(value, io.IOBase):  # an open file: its path
+                        value = getattr(value, "name", None)
                     if isinstance(value, (str, os.PathLike)) and len(str(value)) < 4096 and Path(value).is_file():
                         return str(value)
     return None
@@ -166,6 +168,11 @@ FAULTS: list[Fault] = [
           or (is_a(e, "MlflowException") and "registered tracking store" in str(e)),
           "the MLflow tracking URI has a scheme MLflow does not support",
           "set tracking.uri (--tracking-uri, MLFLOW_TRACKING_URI) to sqlite:///ABSOLUTE/PATH.db or http://HOST:PORT"),
+    Fault("tracking-unreachable", TrackingError,
+          lambda e: is_a(e, "mlflow.exceptions.MlflowException") and any(_connection(c) for c in chain(e)),
+          "the MLflow tracking server does not answer",
+          "start it (`mlflow server --host 127.0.0.1 --port 5000`), or set tracking.uri to a sqlite:/// file; "
+          "nothing was promoted"),
     Fault("mlflow-error", TrackingError, lambda e: is_a(e, "mlflow.exceptions.MlflowException"),
           "MLflow tracking or the model registry failed",
           "check that the tracking server answers and the store is writable (tracking.uri / MLFLOW_TRACKING_URI); "
@@ -173,10 +180,6 @@ FAULTS: list[Fault] = [
     Fault("hub-unreachable", DataError, lambda e: is_a(e, *_HUB),
           "the model or data set is not on the Hugging Face hub or not in the local cache",
           "use a local folder or file, or go online once to fill the cache (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"),
-    Fault("tracking-unreachable", TrackingError,
-          lambda e: _connection(e) and _library(e, "mlflow", "requests", "urllib3"),
-          "the MLflow tracking server does not answer",
-          "start it (`mlflow server --host 127.0.0.1 --port 5000`) or set tracking.uri to a sqlite:/// file"),
     Fault("connection-failed", TrackingError, _connection, "a server did not answer (connection refused or timed out)",
           "start the server named here, or fix its address"),
     Fault("corrupt-safetensors", DataError, lambda e: is_a(e, "SafetensorError"),

@@ -164,7 +164,7 @@ class MLflowTracker:
                 from wanda_pipeline.fault_map import classify
 
                 mapped = classify(exc, hint=self.uri)
-                if mapped is not None and getattr(mapped, "fault", "") == "mlflow-unsupported-uri":
+                if mapped is not None:
                     raise mapped from None
                 raise TrackingError(f"cannot open MLflow experiment {self.experiment_name!r} at {self.uri}: "
                                     f"{type(exc).__name__}: {str(exc)[:300]}") from exc
