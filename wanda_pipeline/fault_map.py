@@ -76,6 +76,13 @@ def _errno(*codes: int) -> Callable[[BaseException], bool]:
     return lambda e: isinstance(e, OSError) and e.errno in codes
 
 
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as the text a Rust library (safetensors, tokenizers) puts in its own error."""
+    text = str(e)
+    return _errno(errno.ENOSPC, errno.EDQUOT)(e) or any(
+        t in text for t in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"))
+
+
 _NAME_HINTS = ("file", "path", "filename", "fname", "checkpoint", "gguf", "json_file", "resolved")
 
 
@@ -154,7 +161,7 @@ _PARSING = _READING | {"prune"}  # prune reads its checkpoint manifests
 
 # Order matters: the first row that matches any link of the chain wins.
 FAULTS: list[Fault] = [
-    Fault("disk-full", OutputError, _errno(errno.ENOSPC, errno.EDQUOT),
+    Fault("disk-full", OutputError, _disk_full,
           "no space left on the device (or quota exceeded)",
           "free space there, or write elsewhere (save path, TMPDIR for temporary files, WANDA_CACHE_DIR)"),
     Fault("read-only-filesystem", OutputError, _errno(errno.EROFS), "the file system is read-only",
@@ -183,7 +190,7 @@ FAULTS: list[Fault] = [
     Fault("connection-failed", TrackingError, _connection, "a server did not answer (connection refused or timed out)",
           "start the server named here, or fix its address"),
     Fault("corrupt-safetensors", DataError, lambda e: is_a(e, "SafetensorError"),
-          "a safetensors file is corrupt or truncated", "re-download or re-save the model"),
+          "a safetensors file is corrupt or truncated", "re-download or re-save the model", _PARSING),
     Fault("corrupt-gguf", DataError, lambda e: _library(e, "gguf/", "transformers/modeling_gguf",
                                                         "transformers/integrations/ggml"),
           "the GGUF file is truncated or corrupt", "re-download it (its size must match the published file)"),
