@@ -279,16 +279,16 @@ def test_what_no_row_matches_is_a_failed_stage_inside_one_and_a_bug_outside():
 
 
 def test_a_tracking_call_that_fills_the_disk_is_a_disk_fault_not_a_tracking_one(tmp_path):
-    from wanda_pipeline.tracking.mlflow_backend import _tracked
+    from wanda_pipeline.tracking.store_setup import tracked
 
     class Tracker:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-        @_tracked
+        @tracked
         def log_dict(self):
             disk_full(tmp_path)
 
-        @_tracked
+        @tracked
         def log_metrics(self):
             mlflow_rest_error(tmp_path)
 
@@ -370,3 +370,59 @@ def test_the_table_is_in_the_failures_doc():
 
 if os.name != "posix":  # /dev/full and the errno rows need a POSIX system
     pytestmark = pytest.mark.skip("POSIX only")
+
+
+# ---------------------------------------------------------------- real processes: Prefect's API, a failing flow
+def _cli(tmp: Path, *argv: str, **env_extra: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING"))}
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), TQDM_DISABLE="1", **env_extra)
+    out = subprocess.run([sys.executable, "-m", "wanda_pipeline.cli", *argv], cwd=tmp, env=env, capture_output=True,
+                         text=True, timeout=600)
+    return out.returncode, out.stderr
+
+
+def _scheduled(tmp: Path, model: Path) -> str:
+    import yaml
+
+    spec = {"model": {"source": str(model)}, "pruner": {"name": "wanda"}, "schedule": {"cron": "0 4 * * *"},
+            "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
+    path = tmp / "scheduled.yaml"
+    path.write_text(yaml.safe_dump({"pipelines": {"nightly": spec}}))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["deploy", "-f", "FILE"], ["serve", "-f", "FILE"], ["run", "nightly", "-f", "FILE"]],
+                         ids=["deploy", "serve", "run"])
+def test_an_unreachable_prefect_api_is_exit_6_with_the_url_and_the_fix(argv, tmp_path, tiny_dir):
+    api = f"http://127.0.0.1:{free_port()}/api"
+    file = _scheduled(tmp_path, tiny_dir)
+    code, err = _cli(tmp_path, *[file if a == "FILE" else a for a in argv], PREFECT_API_URL=api)
+    assert code == 6, err[-3000:]
+    assert "Prefect API does not answer" in err and api.removesuffix("/api") in err and "prefect server start" in err
+    assert "Traceback" not in err and "internal error" not in err
+
+
+@pytest.mark.slow
+def test_a_stage_failing_inside_the_flow_prints_no_library_traceback_and_ends_with_the_run(tmp_path):
+    import yaml
+
+    gguf = tmp_path / "model.gguf"
+    caught(lambda: truncated_gguf(tmp_path))  # writes model.gguf, cut short
+    spec = {"model": {"source": str(gguf)}, "calibration": {"source": "c4", "nsamples": 2, "seqlen": 64},
+            "pruner": {"name": "wanda"}, "evaluators": [{"name": "sparsity"}], "dense_baseline": False,
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "faults"}}
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump({"pipelines": {"p": spec}}))
+    code, err = _cli(tmp_path, "run", "p")
+    assert code == 4, err[-3000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-2].startswith("error: stage 'load': the GGUF file is truncated") and str(gguf) in lines[-2]
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MlflowClient(uri, uri).search_runs([MlflowClient(uri, uri).get_experiment_by_name("faults").experiment_id])[0]
+    assert lines[-1] == f"mlflow run {run.info.run_id} ({uri}) ended FAILED" and run.info.status == "FAILED"

@@ -10,66 +10,12 @@ a failed stage (5) inside a stage, and a bug (1) outside one: exit 1 means a bug
 from __future__ import annotations
 
 import errno
-import io
-import os
-import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from wanda_pipeline.errors import DataError, OutputError, RunError, TrackingError, WandaPipelineError
-
-
-def chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and its causes and contexts, outermost first, each once."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__]
-
-
-def is_a(exc: BaseException, *names: str) -> bool:
-    """Whether ``exc``'s class, or a base, is one of ``names`` (``module.Class`` or bare ``Class``)."""
-    for cls in type(exc).__mro__:
-        if f"{cls.__module__}.{cls.__qualname__}" in names or cls.__qualname__ in names:
-            return True
-    return False
-
-
-def raised_in(exc: BaseException) -> list[str]:
-    """The files of the frames that raised ``exc``, innermost first."""
-    files, tb = [], exc.__traceback__
-    while tb is not None:
-        files.append(tb.tb_frame.f_code.co_filename.replace(os.sep, "/"))
-        tb = tb.tb_next
-    return files[::-1]
-
-
-# Packages that only carry a call (HTTP, arrays): the library that called them is the one at fault.
-_CARRIERS = ("httpx/", "httpcore/", "anyio/", "requests/", "urllib3/", "h11/", "sniffio/", "numpy/")
-
-
-def origin(exc: BaseException) -> str:
-    """Where ``exc`` was raised: the innermost frame's path below site-packages (``"gguf/gguf_reader.py"``),
-    skipping the standard library and carriers; ``"wanda_pipeline"`` for this project's code."""
-    for f in raised_in(exc):
-        if "/wanda_pipeline/" in f and "-packages/" not in f:
-            return "wanda_pipeline"
-        if "-packages/" not in f:
-            continue  # the standard library, a test, <stdin>
-        inside = f.split("-packages/", 1)[1]
-        if not inside.startswith(_CARRIERS):
-            return inside
-    return ""
-
-
-def _library(exc: BaseException, *packages: str) -> bool:
-    return origin(exc).startswith(packages)
+from wanda_pipeline.fault_where import chain, is_a, raised_by, where
 
 
 def _errno(*codes: int) -> Callable[[BaseException], bool]:
@@ -81,45 +27,6 @@ def _disk_full(e: BaseException) -> bool:
     text = str(e)
     return _errno(errno.ENOSPC, errno.EDQUOT)(e) or any(
         t in text for t in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"))
-
-
-_NAME_HINTS = ("file", "path", "filename", "fname", "checkpoint", "gguf", "json_file", "resolved")
-
-
-def _frame_file(exc: BaseException) -> str | None:
-    """A file path held by one of the innermost library frames (how the file behind a JSON,
-    safetensors or GGUF error is found: the library had it in a local variable)."""
-    for e in chain(exc):
-        tb, frames = e.__traceback__, []
-        while tb is not None:
-            frames.append(tb.tb_frame)
-            tb = tb.tb_next
-        for frame in frames[::-1][:12]:
-            for key, value in list(frame.f_locals.items()):
-                if any(h in key.lower() for h in _NAME_HINTS):
-                    if isinstance(value, io.IOBase):  # an open file: its path
-                        value = getattr(value, "name", None)
-                    if isinstance(value, (str, os.PathLike)) and len(str(value)) < 4096 and Path(value).is_file():
-                        return str(value)
-    return None
-
-
-def where(exc: BaseException, hint: str | None = None) -> str | None:
-    """The file or URL a fault is about: the OS error's file name, the request's URL, a file a
-    library frame held, else ``hint`` (the stage's input, the tracking URI), else a URL in the message."""
-    for e in chain(exc):
-        value = (getattr(e, "filename", None) or getattr(e, "filename2", None)) if isinstance(e, OSError) else None
-        url = getattr(getattr(e, "request", None), "url", None)
-        if value or url:
-            return str(value or url)
-    found = _frame_file(exc) or hint
-    if found:
-        return found
-    for e in chain(exc):
-        for url in re.findall(r"https?://[^\s'\"()<>]+", str(e)):
-            if "docs" not in url and "mlflow.org" not in url:  # a link to a manual is not the place
-                return url.rstrip(".,;:/")
-    return None
 
 
 @dataclass(frozen=True)
@@ -138,7 +45,7 @@ def _prefect_api(e: BaseException) -> bool:
     text = str(e)
     return ("Failed to reach API" in text or "ephemeral Prefect API server" in text
             or (is_a(e, "ConnectError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError", "PoolTimeout")
-                and _library(e, "prefect")))
+                and raised_by(e, "prefect")))
 
 
 def _connection(e: BaseException) -> bool:
@@ -191,11 +98,11 @@ FAULTS: list[Fault] = [
           "start the server named here, or fix its address"),
     Fault("corrupt-safetensors", DataError, lambda e: is_a(e, "SafetensorError"),
           "a safetensors file is corrupt or truncated", "re-download or re-save the model", _PARSING),
-    Fault("corrupt-gguf", DataError, lambda e: _library(e, "gguf/", "transformers/modeling_gguf",
+    Fault("corrupt-gguf", DataError, lambda e: raised_by(e, "gguf/", "transformers/modeling_gguf",
                                                         "transformers/integrations/ggml"),
           "the GGUF file is truncated or corrupt", "re-download it (its size must match the published file)"),
     Fault("corrupt-tokenizer", DataError,
-          lambda e: _library(e, "tokenizers/", "transformers/tokenization_", "transformers/models/auto/tokenization",
+          lambda e: raised_by(e, "tokenizers/", "transformers/tokenization_", "transformers/models/auto/tokenization",
                              "sentencepiece/"),
           "the tokenizer files cannot be read", "re-download or re-save the tokenizer (tokenizer.json, "
           "tokenizer_config.json) next to the model", _READING),

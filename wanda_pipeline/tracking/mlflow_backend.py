@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from wanda_pipeline.errors import TrackingError, note_run
+from wanda_pipeline.tracking.store_setup import first_setup, tracked
 
 # MLflow's defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout).
 # A pipeline should fail in seconds instead; a user can still set these higher.
@@ -44,52 +45,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def metric_key(name: str) -> str:
     return _BAD_KEY.sub("_", name)
-
-
-def _tracked(fn):
-    """MLflow errors inside a run become TrackingError (exit 6) with the server named."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return fn(self, *args, **kwargs)
-        except TrackingError:
-            raise
-        except Exception as exc:
-            from wanda_pipeline.errors import OutputError
-            from wanda_pipeline.fault_map import classify
-
-            mapped = classify(exc, hint=self.uri)
-            if isinstance(mapped, OutputError):  # e.g. the disk under a local artifact store is full
-                raise mapped from exc
-            raise TrackingError(f"MLflow at {self.uri} failed in {fn.__name__}: {type(exc).__name__}: "
-                                f"{str(exc)[:300]}") from exc
-
-    return wrapper
-
-
-@contextmanager
-def _first_setup(uri: str) -> Iterator[None]:
-    """One process at a time opens a sqlite store: MLflow migrates a new file without a lock, and
-    two runs starting together on one fresh file break each other's migration ("duplicate column").
-    The lock file lives next to the database; an existing store holds it for milliseconds."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    from filelock import FileLock, Timeout
-
-    db = Path(uri.removeprefix("sqlite:///"))
-    lock = FileLock(str(db.parent / f".{db.name}.lock"))
-    try:
-        lock.acquire(timeout=600)
-    except Timeout:
-        raise TrackingError(f"another process has held {lock.lock_file} for 10 minutes while opening {db}; "
-                            f"if none is running, delete the lock file") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 class MLflowTracker:
@@ -155,7 +110,7 @@ class MLflowTracker:
     def _connect(self) -> None:
         if self._client is not None:
             return
-        with _first_setup(self.uri):
+        with first_setup(self.uri):
             try:
                 self._open()
             except TrackingError:
@@ -224,25 +179,25 @@ class MLflowTracker:
             if error is not None:  # so the CLI's last line can name the run
                 note_run(error, active.info.run_id, self.uri, ended)
 
-    @_tracked
+    @tracked
     def log_params(self, params: dict[str, Any]) -> None:
         flat = {k: ("None" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
         self._mlflow.log_params(flat)
 
-    @_tracked
+    @tracked
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {metric_key(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self._mlflow.log_metrics(clean, step=step)
 
-    @_tracked
+    @tracked
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    @_tracked
+    @tracked
     def log_dict(self, obj: Any, path: str) -> None:
         self._mlflow.log_dict(obj, path)
 
-    @_tracked
+    @tracked
     def log_table(self, rows: list[dict], path: str) -> None:
         if not rows:
             return
@@ -252,12 +207,12 @@ class MLflowTracker:
         writer.writerows(rows)
         self._mlflow.log_text(buf.getvalue(), path)
 
-    @_tracked
+    @tracked
     def log_figure(self, fig, path: str) -> None:
         self._mlflow.log_figure(fig, path)
 
     # ------------------------------------------------------------ models
-    @_tracked
+    @tracked
     def log_model(self, folder: str | Path, metadata: dict[str, Any]) -> str:
         """Log a saved model folder as a pyfunc (loader module, safetensors, no pickle), the folder
         at the model's root so the registered version is directly servable."""
