@@ -86,3 +86,20 @@ def test_two_runs_started_together_on_one_store_both_finish_fresh_then_existing(
             assert code == 0, f"{round_}: {err[-3000:]}"
             assert "Traceback" not in err
         assert _finished_runs(tmp_path) == ["FINISHED"] * expected, round_
+
+
+OPEN_STORE = ("import sys; from wanda_pipeline.tracking import MLflowTracker; "
+              "MLflowTracker(sys.argv[1], 'race').check(True)")
+
+
+@pytest.mark.slow
+def test_two_processes_opening_one_fresh_sqlite_store_both_succeed(tmp_path):
+    """The sharp form of the race (no model, no Prefect): without the lock, most rounds fail in
+    MLflow's migration ("duplicate column name", "table _alembic_tmp_tags already exists")."""
+    for i in range(3):
+        uri = f"sqlite:///{tmp_path / f'fresh-{i}.db'}"
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri], env=user_env(tmp_path),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for p in procs:
+            err = p.communicate(timeout=300)[1]
+            assert p.returncode == 0, err[-2000:]
