@@ -4,7 +4,8 @@ Every entry point goes through :func:`classify`: a stage's exception (``errors.s
 the MLflow wrapper, and the CLI's last resort. A row matches an exception, or any of its causes
 and contexts, by class name (no library is imported here), by errno, or by the library whose
 code raised it; the message names the file or URL involved and the fix. What no row matches is
-a failed stage (5) inside a stage, and a bug (1) outside one: exit 1 means a bug in this project.
+a failed stage (5) inside a stage; outside one, a library's own exception class is that
+library's failure (5), and anything else is a bug (1): exit 1 means a bug in this project.
 """
 
 from __future__ import annotations
