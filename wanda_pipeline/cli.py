@@ -13,19 +13,11 @@ import json
 import os
 import signal
 import sys
-import traceback
 
 from wanda_pipeline.cli_prune import add_prune_parser
 from wanda_pipeline.cli_serving import add_serving_parsers
 from wanda_pipeline.console import print_summary, print_table
-from wanda_pipeline.errors import (
-    EXIT_INTERNAL,
-    Interrupted,
-    WandaPipelineError,
-    interrupt_behind,
-    note_signal,
-    signal_received,
-)
+from wanda_pipeline.errors import Interrupted, interrupt_behind, note_signal, signal_received
 
 
 def load_pipelines_file(args, with_plugins: bool = True):
@@ -111,6 +103,9 @@ def cmd_run(args) -> int:
     spec = pipeline_spec(load_pipelines_file(args, with_plugins=False), args.name, args.set or [])
     _checked_spec(spec)
     from wanda_pipeline.orchestration.compress import compress
+    from wanda_pipeline.orchestration.embedded import start_embedded_server
+
+    start_embedded_server()  # one process at a time per PREFECT_HOME
 
     print_summary(compress(args.name, spec.model_dump(by_alias=True)))
     return 0
@@ -136,8 +131,10 @@ def cmd_sweep(args) -> int:
             raise ConfigError("--devices needs --workers N (N >= 2) or --pool: it splits devices between workers")
         for point in points:  # one bad point would stop the loop: check them all first
             _checked_spec(PipelineSpec(**point["spec"]))
+        from wanda_pipeline.orchestration.embedded import start_embedded_server
         from wanda_pipeline.orchestration.sweep import sweep
 
+        start_embedded_server()
         print_table(sweep(args.name, points), f"sweep {args.name}")
         return 0
     from wanda_pipeline.errors import RunError
@@ -198,38 +195,32 @@ def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signum)
 
 
-def _interrupted(code: int) -> int:
-    print(f"interrupted ({signal.Signals(code - 128).name}): the MLflow run was ended as KILLED, nothing was "
+def _interrupted(code: int, exc: BaseException | None = None) -> int:
+    run = getattr(exc, "mlflow_run", None)
+    which = f"the MLflow run {run[0]} ({run[1]})" if run else "the MLflow run"
+    print(f"interrupted ({signal.Signals(code - 128).name}): {which} was ended as KILLED, nothing was "
           f"registered, no partial output was left", file=sys.stderr)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wanda_pipeline.cli_faults import embedded_server_running, quiet_libraries, report
+
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("WANDA_DEBUG", "") not in ("", "0")
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     note_signal(None)
+    server_before = embedded_server_running()
     try:
-        return args.func(args)
-    except WandaPipelineError as exc:
-        signum = signal_received() or interrupt_behind(exc)
-        if signum is not None:  # the interrupt surfaced as an ordinary error
-            return _interrupted(signum + 128)
-        if debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        with quiet_libraries(args.command, bool(getattr(args, "tracking_uri", None)), debug):
+            return args.func(args)
     except KeyboardInterrupt as exc:  # Interrupted is one; a bare KeyboardInterrupt is SIGINT
-        return _interrupted(exc.exit_code if isinstance(exc, Interrupted) else 130)
-    except Exception as exc:  # a bug: one line, the traceback only when asked
+        return _interrupted(exc.exit_code if isinstance(exc, Interrupted) else 130, exc)
+    except Exception as exc:  # mapped to its kind of fault (fault_map); what no row matches is a bug
         signum = signal_received() or interrupt_behind(exc)
         if signum is not None:  # e.g. an orchestrator's engine turning the signal into its own error
-            return _interrupted(signum + 128)
-        if debug:
-            traceback.print_exc()
-        print(f"internal error: {type(exc).__name__}: {exc} (a bug; rerun with --debug or WANDA_DEBUG=1 for the "
-              f"traceback and report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+            return _interrupted(signum + 128, exc)
+        return report(exc, debug, started_server=not server_before)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -112,10 +112,36 @@ def interrupt_behind(exc: BaseException) -> int | None:
     return None
 
 
-def stage_failure(stage: str, exc: Exception) -> WandaPipelineError | Interrupted:
+def stage_failure(stage: str, exc: Exception, hint: str | None = None) -> WandaPipelineError | Interrupted:
     """What a library's exception inside ``stage`` becomes: the interrupt it hides (exit 130/143),
-    else a :class:`RunError` naming the stage (exit 5)."""
+    else the row of :mod:`wanda_pipeline.fault_map` it matches (the file or URL named, the fix),
+    else a :class:`RunError` naming the stage (exit 5). ``hint``: the stage's input, named when
+    the exception does not say which file it is about."""
     signum = signal_received() or interrupt_behind(exc)
     if signum is not None:
         return Interrupted(signum)
-    return RunError(f"stage {stage!r} failed: {type(exc).__name__}: {str(exc)[:500]}")
+    from wanda_pipeline.fault_map import classify, unexpected
+
+    return classify(exc, stage, hint) or unexpected(exc, stage)
+
+
+def note_run(exc: BaseException, run_id: str, uri: str, ended: str | None) -> None:
+    """Remember on ``exc`` the MLflow run it ended (``ended``: the status set, or None when the
+    store did not answer), so the CLI's last line can name it. The innermost run is kept."""
+    if getattr(exc, "mlflow_run", None) is None:
+        try:
+            exc.mlflow_run = (run_id, uri, ended)
+        except AttributeError:  # an exception type with __slots__
+            pass
+
+
+def run_line(exc: BaseException) -> str | None:
+    """The CLI's last line for a fault inside an MLflow run: which run, and how to close it."""
+    run = getattr(exc, "mlflow_run", None)
+    if not run:
+        return None
+    run_id, uri, ended = run
+    if ended:
+        return f"mlflow run {run_id} ({uri}) ended {ended}"
+    return (f"mlflow run {run_id} ({uri}) could not be ended and may show RUNNING; once the store answers, end it "
+            f"with: python -c \"import mlflow; mlflow.MlflowClient('{uri}').set_terminated('{run_id}', 'FAILED')\"")

@@ -85,7 +85,7 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         except WandaPipelineError:
             raise
         except Exception as exc:  # a library failed inside a stage (exit 5), or hides an interrupt
-            raise stage_failure(name, exc) from exc
+            raise stage_failure(name, exc, _inputs(args)) from exc
         finally:
             result.seconds[name] = result.seconds.get(name, 0.0) + time.perf_counter() - t0
 
@@ -174,6 +174,12 @@ def execute(spec: PipelineSpec, *, pipeline: str = "pipeline", tracker=None, run
         if tracker:
             tracker.log_metrics(clock)
     return result
+
+
+def _inputs(args: tuple) -> str | None:
+    """The sources and paths a stage was given: named in its error when the library's does not say."""
+    names = [v for a in args for k in ("path", "source") if isinstance(v := getattr(a, k, None), str) and v]
+    return ", ".join(dict.fromkeys(names)) or None
 
 
 def _formats(spec: PipelineSpec, save: SaveSpec | None, tracker) -> set[str]:

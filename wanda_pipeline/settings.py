@@ -7,6 +7,16 @@ from pathlib import Path
 
 DATA_DIR_ENV = "WANDA_DATA_DIR"
 CACHE_DIR_ENV = "WANDA_CACHE_DIR"
+# Prefect's default (20 s) for its embedded server to start expires on a busy machine.
+PREFECT_STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+PREFECT_STARTUP_TIMEOUT_S = 120
+
+
+def service_defaults(env: dict | None = None) -> None:
+    """Settings of the services underneath that fit a busy machine; a user's own value is kept.
+    Applied when the package is imported, before Prefect reads its settings."""
+    env = os.environ if env is None else env
+    env.setdefault(PREFECT_STARTUP_TIMEOUT_ENV, str(PREFECT_STARTUP_TIMEOUT_S))
 
 
 def data_dir() -> Path | None:

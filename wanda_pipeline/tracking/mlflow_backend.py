@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from wanda_pipeline.errors import TrackingError
+from wanda_pipeline.errors import TrackingError, note_run
+from wanda_pipeline.tracking.store_setup import first_setup, tracked
 
 # MLflow's defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout).
 # A pipeline should fail in seconds instead; a user can still set these higher.
@@ -44,23 +45,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def metric_key(name: str) -> str:
     return _BAD_KEY.sub("_", name)
-
-
-def _tracked(fn):
-    """MLflow errors inside a run become TrackingError (exit 6) with the server named."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return fn(self, *args, **kwargs)
-        except TrackingError:
-            raise
-        except Exception as exc:
-            raise TrackingError(f"MLflow at {self.uri} failed in {fn.__name__}: {type(exc).__name__}: "
-                                f"{str(exc)[:300]}") from exc
-
-    return wrapper
 
 
 class MLflowTracker:
@@ -126,25 +110,40 @@ class MLflowTracker:
     def _connect(self) -> None:
         if self._client is not None:
             return
+        with first_setup(self.uri):
+            try:
+                self._open()
+            except TrackingError:
+                raise
+            except Exception as exc:
+                from wanda_pipeline.fault_map import classify
+
+                mapped = classify(exc, hint=self.uri)
+                if mapped is not None:
+                    raise mapped from None
+                raise TrackingError(f"cannot open MLflow experiment {self.experiment_name!r} at {self.uri}: "
+                                    f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    def _open(self) -> None:
+        """Client, store (a new sqlite file is migrated here), registry store, and the experiment."""
         from mlflow import MlflowClient
 
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
-        self._client = MlflowClient(self.uri, self.uri)
-        try:
-            exp = self._client.get_experiment_by_name(self.experiment_name)
-            if exp is None:
-                location = None
-                if self.uri.startswith("sqlite:///"):
-                    root = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-                    location = (root / self.experiment_name).resolve().as_uri()
-                self._experiment_id = self._client.create_experiment(self.experiment_name,
-                                                                     artifact_location=location)
-            else:
-                self._experiment_id = exp.experiment_id
-        except Exception as exc:
-            raise TrackingError(f"cannot open MLflow experiment {self.experiment_name!r} at {self.uri}: {exc}") from exc
+        client = MlflowClient(self.uri, self.uri)
+        exp = client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                root = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+                location = (root / self.experiment_name).resolve().as_uri()
+            self._experiment_id = client.create_experiment(self.experiment_name, artifact_location=location)
+        else:
+            self._experiment_id = exp.experiment_id
+        if self.uri.startswith("sqlite:///"):
+            client.search_registered_models(max_results=1)  # the registry's store: set up inside the lock too
+        self._client = client
 
     @property
     def client(self):
@@ -161,40 +160,44 @@ class MLflowTracker:
                                             nested=nested)
         except Exception as exc:
             raise TrackingError(f"cannot start an MLflow run at {self.uri}: {type(exc).__name__}: {exc}") from None
-        status = "FAILED"
+        status, error = "FAILED", None
         try:
             yield active.info.run_id
             status = "FINISHED"
-        except Exception:
+        except Exception as exc:
+            error = exc
             raise
-        except BaseException:  # our Interrupted, Prefect's TerminationSignal, SystemExit: a signal, not a bug
-            status = "KILLED"
+        except BaseException as exc:  # our Interrupted, Prefect's TerminationSignal, SystemExit: a signal, not a bug
+            status, error = "KILLED", exc
             raise
         finally:
+            ended: str | None = status
             try:
                 self._mlflow.end_run(status)
             except Exception:  # the server may be the thing that failed; never hide the first error
-                pass
+                ended = None
+            if error is not None:  # so the CLI's last line can name the run
+                note_run(error, active.info.run_id, self.uri, ended)
 
-    @_tracked
+    @tracked
     def log_params(self, params: dict[str, Any]) -> None:
         flat = {k: ("None" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
         self._mlflow.log_params(flat)
 
-    @_tracked
+    @tracked
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {metric_key(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self._mlflow.log_metrics(clean, step=step)
 
-    @_tracked
+    @tracked
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    @_tracked
+    @tracked
     def log_dict(self, obj: Any, path: str) -> None:
         self._mlflow.log_dict(obj, path)
 
-    @_tracked
+    @tracked
     def log_table(self, rows: list[dict], path: str) -> None:
         if not rows:
             return
@@ -204,12 +207,12 @@ class MLflowTracker:
         writer.writerows(rows)
         self._mlflow.log_text(buf.getvalue(), path)
 
-    @_tracked
+    @tracked
     def log_figure(self, fig, path: str) -> None:
         self._mlflow.log_figure(fig, path)
 
     # ------------------------------------------------------------ models
-    @_tracked
+    @tracked
     def log_model(self, folder: str | Path, metadata: dict[str, Any]) -> str:
         """Log a saved model folder to the active run (transformers flavour for transformers
         checkpoints, this package's pyfunc for bitmask-v1; see :mod:`.model_logging`)."""
