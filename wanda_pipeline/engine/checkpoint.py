@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from wanda_pipeline.errors import ConfigError
 
 MANIFEST = "manifest.json"
 VERSION = 1
+# every name this module writes, temporaries included
+_OURS = re.compile(r"(manifest\.json|(block|inputs)-\d{5}\.safetensors)(\.tmp)?")
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +60,7 @@ class Checkpoint:
         self.n_blocks = n_blocks
         manifest = self.folder / MANIFEST
         if manifest.exists() and self.resume:
-            found = json.loads(manifest.read_text())
+            found = self._read_manifest()
             if found.get("fingerprint") != self.fingerprint or found.get("n_blocks") != n_blocks:
                 diff = sorted(k for k in set(self.fingerprint) | set(found.get("fingerprint", {}))
                               if self.fingerprint.get(k) != found.get("fingerprint", {}).get(k))
@@ -69,15 +72,41 @@ class Checkpoint:
             if finished and not (self.folder / self._inputs_name(finished)).exists() and finished < n_blocks:
                 raise ConfigError(f"checkpoint {self.folder} is incomplete (no inputs of block {finished}); "
                                   "pass --no_resume to start fresh")
+            lost = [i for i in range(finished) if not (self.folder / self._block_name(i)).exists()]
+            if lost:
+                raise ConfigError(f"checkpoint {self.folder} is incomplete (no state of block {lost[0]}); "
+                                  "pass --no_resume to start fresh")
+            self._drop_stale(finished)
             return finished
-        if self.folder.exists() and any(self.folder.iterdir()):
-            if not manifest.exists():
-                raise ConfigError(f"--checkpoint_dir {self.folder} is not empty and holds no checkpoint; "
-                                  "choose an empty or new folder")
-            shutil.rmtree(self.folder)
+        if self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists() and not self._only_ours():
+            raise ConfigError(f"--checkpoint_dir {self.folder} is not empty and holds no checkpoint; "
+                              "choose an empty or new folder")
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Commit "nothing finished" before deleting the old files: a crash while they go leaves a
+        # checkpoint that resumes at block 0, never a manifest pointing at deleted files.
         self._write_manifest(0)
+        self._drop_stale(0)
         return 0
+
+    def _read_manifest(self) -> dict:
+        try:
+            found = json.loads((self.folder / MANIFEST).read_text())
+            int(found["finished"])
+            return found
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"checkpoint manifest {self.folder / MANIFEST} cannot be read ({exc}); "
+                              "pass --no_resume to start fresh") from None
+
+    def _only_ours(self) -> bool:
+        """True if every entry has a checkpoint file's name (what a half-finished remove leaves)."""
+        return all(_OURS.fullmatch(p.name) for p in self.folder.iterdir())
+
+    def _drop_stale(self, finished: int) -> None:
+        """Remove what the manifest does not use: later blocks, older inputs, temporaries."""
+        keep = {MANIFEST, self._inputs_name(finished), *(self._block_name(i) for i in range(finished))}
+        for path in self.folder.iterdir():
+            if path.name not in keep and _OURS.fullmatch(path.name):
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def _inputs_name(index: int) -> str:
@@ -122,4 +151,14 @@ class Checkpoint:
         return [tensors[f"batch.{j}"] for j in range(len(tensors))]
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_checkpoint(self.folder)
+
+
+def remove_checkpoint(folder: str | Path) -> None:
+    """Delete a checkpoint folder, manifest first: if the deletion stops half way, what is left is
+    never taken for a resumable checkpoint (the next start clears it)."""
+    try:
+        (Path(folder) / MANIFEST).unlink(missing_ok=True)
+    except OSError:
+        return  # still a whole, resumable checkpoint: better than half of one
+    shutil.rmtree(folder, ignore_errors=True)
