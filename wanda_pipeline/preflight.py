@@ -174,7 +174,10 @@ def spec_outputs(spec: PipelineSpec, save: SaveSpec | None = None) -> list[Outpu
         outs.append(Output(save.path, "save folder", save.overwrite))
     checkpoint = getattr(spec.engine, "checkpoint_dir", None)  # added by the engine rewrite
     if checkpoint:
-        outs.append(Output(checkpoint, "checkpoint folder", overwrite=bool(getattr(spec.engine, "resume", False))))
+        # --no_resume starts over in a folder that holds a checkpoint (Checkpoint.start refuses any other)
+        fresh_over_own = (Path(checkpoint) / "manifest.json").is_file()
+        outs.append(Output(checkpoint, "checkpoint folder",
+                           overwrite=bool(getattr(spec.engine, "resume", False)) or fresh_over_own))
     return outs
 
 
