@@ -87,6 +87,37 @@ def test_every_step_of_a_checkpointed_run_can_fail_and_the_next_run_resumes(tmp_
             assert left == [f"block-{b:05d}.safetensors" for b in range(BLOCKS)] + [MANIFEST], (step, left)
 
 
+def test_starting_over_on_another_runs_checkpoint_can_fail_at_any_step(tmp_path):
+    """--no_resume over an old run's finished checkpoint, failing at each step. Before the new
+    manifest commits, the old checkpoint is whole (the new run is refused as before, with its
+    message); from then on the new run resumes by itself: the old files go only after the commit."""
+    reference = pruned(None)
+
+    def old_run(ck):
+        prune_model(tiny_model("llama", seed=5, layers=BLOCKS), TOKENS, WandaPruner(WandaConfig(sparsity=0.3)),
+                    LayerEngine(progress=False), checkpoint_dir=ck)
+
+    old_run(tmp_path / "clean")
+    steps = recorded_steps(tmp_path / "clean", lambda: pruned(tmp_path / "clean", resume=False))
+    # the start over itself: the steps before the new run writes its first block
+    steps = steps[:next(i for i, s in enumerate(steps) if s.startswith("write block-"))]
+    assert len(steps) == 2 + BLOCKS, steps  # the new manifest, then the old run's blocks
+    for i in range(len(steps)):
+        ck = tmp_path / f"ck{i}"
+        old_run(ck)
+        with FaultFS(ck, fail_at=i):
+            with pytest.raises(Exception) as err:
+                pruned(ck, resume=False)
+        assert injected(err.value), err.value
+        try:
+            got = pruned(ck)
+        except ConfigError as exc:
+            assert i < 2 and "belongs to another run" in str(exc), (steps[i], exc)
+            got = pruned(ck, resume=False)
+        assert same(got, reference), steps[i]
+    assert steps[:2] == ["write manifest.json.tmp", "replace manifest.json.tmp"], steps
+
+
 def test_removing_a_checkpoint_can_fail_at_any_step(tmp_path):
     reference = pruned(None)
     pruned(tmp_path / "clean")
@@ -257,8 +288,11 @@ def test_a_failed_or_killed_streamed_prune_and_save_never_looks_complete(tmp_pat
         stages.export_model(loaded, out, "hf", {"run": 1}, spec, overwrite=True)
 
     # The staging shards (out.partial, removed by run.execute after success) are rebuilt by every
-    # streamed run. Faults go to the shard writes and to the save's renames and links; the other
-    # steps of the save are those of the hf save above.
-    check_save_crashes(tmp_path, run, leftovers={"out.partial"},
-                       select=lambda step: step.split()[1].startswith("out.partial/") or
-                       step.startswith(("rename", "link")))
+    # streamed run. Faults go to the first block's shard, the outer weights, the index, the config
+    # and the save's renames; the other steps are like them or those of the hf save above.
+    def select(step: str) -> bool:
+        kind, path = step.split()
+        return kind == "rename" or path.startswith(("out.partial/model-block-00000", "out.partial/model-outer",
+                                                    "out.partial/model.safetensors.index", "out.partial/config"))
+
+    check_save_crashes(tmp_path, run, leftovers={"out.partial"}, select=select)

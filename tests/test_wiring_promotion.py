@@ -197,3 +197,28 @@ def test_promotion_through_the_real_registry_on_a_fake_client(monkeypatch):
         promotion.register_and_promote(FakeTracker(client), spec, "pipe", URI, dict(GOOD), DENSE, 0.5, {})
     assert err.value.exit_code == 6 and client.aliases == {(NAME, "champion"): "2"}
     assert client.versions[(NAME, "3")]["promoted"] == "false"
+
+
+def test_log_model_writes_the_folder_logs_its_sizes_and_returns_the_uri():
+    from types import SimpleNamespace
+
+    import torch
+
+    logged = {}
+
+    class Tracker:
+        def log_metrics(self, metrics):
+            logged["metrics"] = metrics
+
+        def log_model(self, folder, metadata):
+            logged["files"] = sorted(p.name for p in folder.iterdir())
+            logged["metadata"] = metadata
+            return URI
+
+    model = torch.nn.Linear(4, 3)  # 15 float32 parameters: 60 bytes
+    loaded = SimpleNamespace(model=model)
+    uri = promotion.log_model(Tracker(), loaded, {}, "hf", "pipe", 0.5,
+                              lambda out: (out.mkdir(), (out / "w.bin").write_bytes(b"x" * 30)))
+    assert uri == URI and logged["files"] == ["w.bin"]
+    assert logged["metrics"] == {"model_stored_bytes": 30, "model_dense_bytes": 60, "model_stored_ratio": 0.5}
+    assert logged["metadata"] == {"sparsity": 0.5, "pipeline": "pipe", "format": "hf"}
