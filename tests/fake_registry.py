@@ -11,7 +11,10 @@ like the real one (a fault makes it write nothing and return False).
 
 from __future__ import annotations
 
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,7 +30,9 @@ def timeout(call: str) -> TrackingError:
 
 @dataclass
 class FakeRegistry:
-    champion: dict[str, float] | None = None  # metrics of the version holding the alias, None: no champion
+    champion: dict[str, float] | None = None  # metrics of the version holding @alias of ``name``
+    name: str = "m"
+    alias: str = "champion"
     faults: dict[str, BaseException] = field(default_factory=dict)
     versions: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # name -> version -> tags
     uris: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -45,7 +50,9 @@ class FakeRegistry:
 
     def champion_metrics(self, name: str, alias: str) -> dict[str, float] | None:
         self._enter("champion_metrics")
-        return None if self.champion is None else dict(self.champion)
+        if self.champion is None or (name, alias) != (self.name, self.alias):
+            return None  # another model's or alias's champion: none
+        return dict(self.champion)
 
     def register(self, model_uri: str, name: str, tags: dict[str, Any]) -> str:
         self._enter("register")
@@ -81,6 +88,7 @@ class FakeClient:
         self.versions: dict[tuple[str, str], dict[str, str]] = {}
         self.aliases: dict[tuple[str, str], str] = {}
         self.runs: dict[str, dict[str, float]] = {}
+        self.sources: dict[tuple[str, str], str] = {}  # what each version was registered from
         self.calls: list[str] = []
         if champion is not None:
             self.models.add("m")
@@ -123,6 +131,7 @@ class FakeClient:
         self._enter("create_model_version")
         version = str(sum(1 for n, _ in self.versions if n == name) + 1)
         self.versions[(name, version)] = {}
+        self.sources[(name, version)] = source
         return SimpleNamespace(version=version)
 
     def get_model_version(self, name, version):
@@ -157,3 +166,31 @@ class FakeTracker:
     def __init__(self, client: FakeClient):
         self.client = client
         self._mlflow = SimpleNamespace(active_run=lambda: None)
+
+
+class RecordingTracker(FakeTracker):
+    """A tracker for ``run.execute``: keeps what would be logged, logs the model folder's file
+    names, and registers through :class:`FakeClient`."""
+
+    def __init__(self, client: FakeClient):
+        super().__init__(client)
+        self.logged: dict[str, list] = defaultdict(list)
+        self.model_files: list[str] = []
+
+    def check(self, registry: bool = False) -> None:
+        pass
+
+    @contextmanager
+    def run(self, name: str, tags: dict[str, str] | None = None, nested: bool = False):
+        self.logged["run"].append((name, dict(tags or {})))
+        yield "run-under-test"
+
+    def log_model(self, folder, metadata: dict[str, Any]) -> str:
+        self.model_files = sorted(p.name for p in Path(folder).iterdir())
+        self.logged["model_metadata"].append(metadata)
+        return "models:/m-under-test"
+
+    def __getattr__(self, name: str):  # log_params, log_metrics, set_tags, log_dict, log_table, log_figure
+        if not name.startswith(("log_", "set_")):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.logged[name].append(args)

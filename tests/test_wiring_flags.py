@@ -72,6 +72,7 @@ CLI = [
     (["--stream"], "engine.stream", True),
     (["--save_model", "/o", "--save_format", "compressed-tensors", "--overwrite"], "save",
      {"path": "/o", "format": "compressed-tensors", "overwrite": True}),
+    (["--save_model", "/o"], "save", {"path": "/o", "format": "hf", "overwrite": False}),
     (["--tracking-uri", "sqlite:///x.db", "--experiment", "e"], "tracking", {"uri": "sqlite:///x.db",
                                                                              "experiment": "e"}),
 ]
@@ -89,6 +90,29 @@ def test_each_prune_flag_lands_in_the_spec_and_the_engine(argv, path, value):
     if path.startswith("pruner."):
         pruner = discover().create("pruner", spec.pruner.name, spec.pruner.options())
         assert getattr(pruner.config, path.split(".")[1], spec.pruner.name) == value
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--passes", "3"], "argument --passes: invalid choice: 3 (choose from 1, 2)"),
+    (["--batch-size", "x"], "argument --batch-size: expected a positive integer or 'auto', got 'x'"),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+])
+def test_bad_flag_values_are_refused_by_the_parser(capsys, argv, message):
+    with pytest.raises(SystemExit) as err:
+        flags(*argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_flag_combinations_are_config_errors():
+    from wanda_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        flags("--stream", "--calibration", "self")
+    assert str(err.value) == "--calibration self needs the whole model in memory; it cannot be combined with --stream"
+    with pytest.raises(ConfigError) as err:
+        flags("--nsamples", "0")
+    assert str(err.value).startswith("invalid flags: 1 validation error for PipelineSpec\ncalibration.nsamples")
+    assert flags("--stream").engine.stream and flags("--calibration", "self").calibration.source == "self"
 
 
 def test_the_prune_flags_defaults_are_pinned():
@@ -265,3 +289,48 @@ def test_execute_runs_the_stages_in_order_and_measures_the_dense_baseline_on_the
         fresh.model, fresh.tokenizer).metrics[key]
     assert result.dense == {key: dense_ppl}
     assert result.metrics[key] != dense_ppl and result.metrics[f"{key}_vs_dense"] == result.metrics[key] / dense_ppl
+
+
+def test_execute_with_a_tracker_registers_what_it_logged_and_fails_closed(tiny_dir, text, monkeypatch):
+    from tests.fake_registry import FakeClient, RecordingTracker
+    from wanda_pipeline.errors import TrackingError
+
+    register = {"model_name": "m", "compressed": False,
+                "gates": {"beat_champion": "sparsity_total", "lower_is_better": False}}
+    doc = document(tiny_dir, text)
+    doc["pipelines"]["p"]["register"] = register
+    spec = parse_document(yaml.safe_load(json.dumps(doc)), discover()).pipelines["p"]
+    client = FakeClient(champion={"sparsity_total": 0.1})  # v1 holds @champion at 10 % sparsity
+    tracker = RecordingTracker(client)
+    result = execute(spec, pipeline="p", tracker=tracker, progress=False)
+    assert list(result.seconds)[-1] == "register" and result.model_uri == "models:/m-under-test"
+    assert "model.safetensors" in tracker.model_files and "wanda_provenance.json" in tracker.model_files
+    assert client.sources == {("m", "2"): "models:/m-under-test"} and client.aliases == {("m", "champion"): "2"}
+    tags = client.versions[("m", "2")]
+    assert (tags["pipeline"], tags["pruner"], tags["pattern"], tags["promoted"]) == ("p", "wanda", "unstructured",
+                                                                                    "true")
+    assert tags["sparsity"] == f"{result.metrics['sparsity_total']:.4f}" and float(tags["sparsity"]) > 0.4
+    assert tags["metric.sparsity_total"] == f"{result.metrics['sparsity_total']:.6g}"
+    assert result.registration == {"name": "m", "version": "2", "alias": "champion", "promoted": True,
+                                   "gates": result.registration["gates"], "reason": "passed all gates"}
+
+    client.faults["get_model_version_by_alias"] = TimeoutError("read timed out")
+    with pytest.raises(TrackingError) as err:
+        execute(spec, pipeline="p", tracker=RecordingTracker(client), progress=False)
+    assert err.value.exit_code == 6 and str(err.value).startswith("m v3 registered but NOT promoted: ")
+    assert client.aliases == {("m", "champion"): "2"} and client.versions[("m", "3")]["promoted"] == "false"
+
+
+def test_the_prune_command_runs_the_stages_and_writes_its_log(tiny_dir, text, tmp_path, capsys):
+    from wanda_pipeline.cli import main
+
+    code = main(["prune", "--model", str(tiny_dir), "--calibration", str(text), "--nsamples", "2", "--seqlen", "16",
+                 "--eval-windows", "0", "--sparsity_ratio", "0.3", "--save", str(tmp_path / "log")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [line.removeprefix("[stage] ") for line in err.splitlines() if line.startswith("[stage] ")] == [
+        "preflight", "load", "calibrate", "prune", "evaluate"]
+    sparsity = float(next(line for line in out.splitlines() if line.startswith("sparsity sanity check")).split()[-1])
+    assert 0.27 <= sparsity <= 0.3  # 30 % per row, rounded down to whole weights (not the default 50 %)
+    assert (tmp_path / "log" / "log_wanda.txt").read_text().splitlines() == [
+        "method\tactual_sparsity\tppl_test", f"wanda\t{sparsity:.4f}\tnan"]

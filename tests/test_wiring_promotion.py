@@ -36,6 +36,7 @@ def test_a_candidate_passing_every_gate_is_registered_then_aliased(monkeypatch, 
     fake = FakeRegistry(champion=champion)
     result = promote(fake, monkeypatch)
     assert result.promoted is True and result.version == "1" and result.reason == "passed all gates"
+    assert (result.name, result.alias) == (NAME, "champion")
     assert [g["name"] for g in result.gates] == ["max_ppl_ratio", "min_zeroshot_ratio", "min_sparsity",
                                                  "beat_champion"]
     assert all(g["passed"] for g in result.gates)
@@ -60,7 +61,7 @@ def test_each_gate_alone_blocks_promotion(monkeypatch, gate, metrics, champion):
     gates = GATES if gate != "beat_champion" or champion else {"beat_champion": "ppl_wikitext2"}
     fake = FakeRegistry(champion=champion)
     result = promote(fake, monkeypatch, metrics, gates)  # a blocked promotion is no error: exit 0
-    assert result.promoted is False and result.version == "1"
+    assert result.promoted is False and result.version == "1" and (result.name, result.alias) == (NAME, "champion")
     assert [g["name"] for g in result.gates if not g["passed"]] == [gate]
     assert result.reason.startswith(f"{gate}: ")
     assert fake.aliases == {} and "set_alias" not in fake.calls
@@ -126,8 +127,8 @@ def test_tagging_the_promotion_failing_moves_no_alias_and_exits_6(monkeypatch):
     fake = FakeRegistry(champion=OLD, faults={"tag": TrackingError("tag write refused")})
     with pytest.raises(TrackingError) as err:
         promote(fake, monkeypatch)
-    assert err.value.exit_code == 6 and "NOT promoted" in str(err.value)
-    assert fake.aliases == {} and "set_alias" not in fake.calls
+    assert str(err.value) == "m v1 passed every gate but was NOT promoted: could not tag the version as promoted"
+    assert err.value.exit_code == 6 and fake.aliases == {} and "set_alias" not in fake.calls
     assert tags(fake)["promoted"] == "false"
 
 
