@@ -18,6 +18,8 @@ import errno
 import io
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -148,3 +150,32 @@ def recorded_steps(root: str | Path, operation) -> list[str]:
     with FaultFS(root) as rec:
         operation()
     return rec.steps
+
+
+def injected(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, InjectedFault):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def fail_at(root: Path, step: int, snapshot: Path | None, operation) -> bool:
+    """Run ``operation`` with step ``step`` failing; True if the fault surfaced as an error."""
+    with FaultFS(root, fail_at=step, snapshot=snapshot) as fs:
+        try:
+            operation()
+        except Exception as exc:
+            assert injected(exc), f"step {step} failed with something else: {exc!r}"
+            return True
+    # allowed to swallow it: removing hidden temporaries, and a hard link (a copy is made instead)
+    assert fs.steps[step].startswith(("unlink .", "rmdir .", "link ")), f"{fs.steps[step]} swallowed it"
+    return False
+
+
+def as_killed(folder: Path) -> None:
+    """The snapshot was taken in this (live) process; make its temporaries a dead process's."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    for path in sorted(folder.rglob(f"*-{os.getpid()}"), key=lambda p: -len(p.parts)):
+        path.rename(path.with_name(path.name.replace(f"-{os.getpid()}", f"-{dead}")))
