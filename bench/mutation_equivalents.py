@@ -171,3 +171,7 @@ EQUIVALENT += [
     (r"cli_prune\.x_add_prune_parser__", r"'--(device|batch-size|sparsity_ratio)'.*default=", r",? ?default=(None|'cpu'|1)",
      "a None engine flag is left out of the spec, whose default (cpu, 1; the pruner's own sparsity) is the same"),
 ]
+EQUIVALENT += [
+    (r"engine\.checkpoint\.xǁCheckpointǁ_drop_stale__", r"missing_ok=None", None,
+     "iterdir has just listed the file, and nothing else deletes in a checkpoint folder a run is using"),
+]

@@ -98,6 +98,14 @@ def test_removing_a_checkpoint_can_fail_at_any_step(tmp_path):
         assert same(pruned(ck), reference), steps[i]
 
 
+def test_removing_a_half_removed_checkpoint_removes_the_rest(tmp_path):
+    ck = tmp_path / "ck"
+    pruned(ck)
+    (ck / MANIFEST).unlink()  # what a removal stopped after its first step leaves
+    remove_checkpoint(ck)
+    assert not ck.exists()
+
+
 def test_an_unreadable_manifest_is_a_clear_config_error(tmp_path):
     ck = tmp_path / "ck"
     pruned(ck)

@@ -94,7 +94,11 @@ def test_per_linear_and_model_structure_of_a_mixed_model(family):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_model_whose_every_target_follows_the_pattern_reports_it(family):
     model, _ = build(family, {})
-    assert sparsity_metadata(model, "2:4")["sparsity_structure"] == "2:4"
+    meta = sparsity_metadata(model, "2:4")
+    assert meta["sparsity_structure"] == "2:4" and meta["format"] == "dense"
+    assert sparsity_metadata(model)["requested_pattern"] == "unstructured"  # the default
+    # 3 does not divide the 32/64/128 inputs: no linear can follow 2:3
+    assert {v["structure"] for v in sparsity_metadata(model, "2:3")["linears"].values()} == {"unstructured"}
     assert sparsity_metadata(model, "4:8")["sparsity_structure"] == "4:8"
     assert sparsity_metadata(model, "3:4")["sparsity_structure"] == "unstructured"
     assert sparsity_metadata(model, "unstructured")["sparsity_structure"] == "unstructured"
@@ -109,6 +113,8 @@ def test_excluded_linears_are_ignored_not_measured():
     assert meta["ignore"] == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj", "lm_head"]
     only = sparsity_metadata(model, "2:4", include=r"self_attn\.q_proj")
     assert only["targets"] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    none = sparsity_metadata(model, "2:4", include="no-such-linear")  # nothing measured, nothing claimed
+    assert (none["targets"], none["global_sparsity"], none["sparsity_structure"]) == ([], 0.0, "unstructured")
 
 
 @pytest.mark.parametrize("bits, group", [(4, 16), (8, 32), (4, 4096)])

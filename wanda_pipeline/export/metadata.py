@@ -50,7 +50,8 @@ def sparsity_metadata(model: nn.Module, pattern: str = "unstructured", include: 
                                              else "unstructured"}
             zeros += z
             numel += w.numel()
-    holds = nm is not None and all(v["structure"] == pattern for v in linears.values())
+    # nothing measured claims no structure
+    holds = nm is not None and bool(linears) and all(v["structure"] == pattern for v in linears.values())
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears]
     return {
         "format": "dense",
