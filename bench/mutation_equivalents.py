@@ -175,3 +175,8 @@ EQUIVALENT += [
     (r"engine\.checkpoint\.xǁCheckpointǁ_drop_stale__", r"missing_ok=None", None,
      "iterdir has just listed the file, and nothing else deletes in a checkpoint folder a run is using"),
 ]
+EQUIVALENT += [
+    (r"cli_prune\.x_add_prune_parser__", r"default=None", r",? ?default=None", "None is argparse's own default"),
+    (r"cli_prune\.x_prune_spec__", r"or k == '(XXnameXX|NAME)'", None,
+     "the name entry is never None, so the `or k == 'name'` test never decides"),
+]

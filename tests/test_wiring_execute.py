@@ -129,3 +129,20 @@ def test_the_prune_command_runs_the_stages_and_writes_its_log(tiny_dir, text, tm
     assert 0.27 <= sparsity <= 0.3  # 30 % per row, rounded down to whole weights (not the default 50 %)
     assert (tmp_path / "log" / "log_wanda.txt").read_text().splitlines() == [
         "method\tactual_sparsity\tppl_test", f"wanda\t{sparsity:.4f}\tnan"]
+
+
+def test_the_save_stage_writes_provenance_and_the_quantized_format_over_an_old_folder(tiny_dir, text, monkeypatch,
+                                                                                     tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous model")
+    save = {"path": str(out), "format": "compressed-tensors", "overwrite": True}
+    over = [f"save={json.dumps(save)}", "quantizer={name: rtn, bits: 8, group_size: 32}"]
+    _, spy, result = run_yaml(tiny_dir, text, monkeypatch, over)
+    assert spy.names[-2:] == ["evaluate", "save"] and result.saved == str(out)
+    assert not (out / "old.txt").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    provenance = json.loads((out / "wanda_provenance.json").read_text())
+    assert provenance["metrics"]["sparsity_total"] == result.metrics["sparsity_total"]
+    assert provenance["pruner"]["name"] == "wanda" and provenance["quantizer"]["bits"] == 8
