@@ -172,7 +172,7 @@ EQUIVALENT += [
      "a None engine flag is left out of the spec, whose default (cpu, 1; the pruner's own sparsity) is the same"),
 ]
 EQUIVALENT += [
-    (r"engine\.checkpoint\.xǁCheckpointǁ_drop_stale__", r"missing_ok=None", None,
+    (r"engine\.checkpoint\.xǁCheckpointǁ_drop_stale__", r"missing_ok=(None|False)", None,
      "iterdir has just listed the file, and nothing else deletes in a checkpoint folder a run is using"),
 ]
 EQUIVALENT += [
