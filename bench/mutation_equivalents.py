@@ -157,3 +157,26 @@ EQUIVALENT += [
     (r"engine\.loop\.xǁLayerEngineǁ_run__", r"getattr\(visitor, 'one_pass', None\)", None, "None is falsy like False"),
     (r"x_recover_codes__", r"else 1\.0$", None, "symmetric codes: bf16 rounding moves w/s by at most 128 * 2^-9 = 0.25 code, so a guess one too high is always repaired by the -1 neighbour, and any code kept dequantises bitwise to the weight"),
 ]
+EQUIVALENT += [
+    # the wiring (issue 21): promotion's registry calls, the prune CLI, the run path, export metadata
+    (r"tracking\.promotion\.x_log_model__", r"TemporaryDirectory\(|Path\(root\) / ", None,
+     "name of the temporary folder the model is written to; MLflow copies it in under name='model'"),
+    (r"tracking\.promotion\.x_register_and_promote__", r"manual=None\)", None, "None is falsy like False"),
+    (r"cli_prune\.x_add_prune_parser__", r"help=", r""",? ?help=(None|'[^']*'|"[^"]*")""",
+     "argparse help text only"),
+]
+EQUIVALENT += [
+    (r"cli_prune\.x_add_prune_parser__", r"dest=", r""",? ?dest=(None|'[a-z_]+')""",
+     "argparse derives the same dest from the flag name ('--eval-windows' -> eval_windows)"),
+    (r"cli_prune\.x_add_prune_parser__", r"'--(device|batch-size|sparsity_ratio)'.*default=", r",? ?default=(None|'cpu'|1)",
+     "a None engine flag is left out of the spec, whose default (cpu, 1; the pruner's own sparsity) is the same"),
+]
+EQUIVALENT += [
+    (r"engine\.checkpoint\.xǁCheckpointǁ_drop_stale__", r"missing_ok=(None|False)", None,
+     "iterdir has just listed the file, and nothing else deletes in a checkpoint folder a run is using"),
+]
+EQUIVALENT += [
+    (r"cli_prune\.x_add_prune_parser__", r"default=None", r",? ?default=None", "None is argparse's own default"),
+    (r"cli_prune\.x_prune_spec__", r"or k == '(XXnameXX|NAME)'", None,
+     "the name entry is never None, so the `or k == 'name'` test never decides"),
+]

@@ -7,8 +7,7 @@ or it timed out. Every other verdict (survived, no tests, suspicious, not checke
 the score. A surviving mutant whose change matches a rule in EQUIVALENT (a change that cannot alter
 behaviour on this CPU-only test machine, each with its one-line reason) is reported as equivalent
 and left out of N; the rules match the mutated code, not mutant numbers, so they survive edits.
-In data.py only the calibration sampler is core (the file/hub loaders are tested with data); in
-promotion.py only the pure policy `decide`.
+In data.py only the calibration sampler is core (the file/hub loaders are tested with data).
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ from pathlib import Path
 from mutation_equivalents import EQUIVALENT  # bench/ is the script's folder, first on sys.path
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}  # test failure, pytest internal error, timeouts (see mutmut.stats)
-# data.py: only the calibration sampler; promotion.py: only the pure policy (the registry calls
-# around it need a tracking server and are tested with one).
-IN_SCOPE = re.compile(r"^wanda_pipeline\.(?!data\.|tracking\.promotion\.)|^wanda_pipeline\.data\.x_sample_windows__"
-                      r"|^wanda_pipeline\.tracking\.promotion\.x_decide__")
+# data.py: only the calibration sampler (the file/hub loaders are tested with data). promotion.py
+# is scored whole: its registry calls run against tests/fake_registry.py.
+IN_SCOPE = re.compile(r"^wanda_pipeline\.(?!data\.)|^wanda_pipeline\.data\.x_sample_windows__")
 
 
 def load(mutants: Path) -> dict[str, int | None]:

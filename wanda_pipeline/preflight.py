@@ -163,7 +163,9 @@ def spec_outputs(spec: PipelineSpec, save: SaveSpec | None = None) -> list[Outpu
     checkpoint = spec.engine.checkpoint_dir
     if checkpoint and checkpoint != "auto":
         # A folder with a checkpoint in it is resumed, or replaced with --no_resume; any other is the user's.
-        ours = (Path(checkpoint).expanduser() / "manifest.json").is_file()
+        from wanda_pipeline.engine.checkpoint import holds_checkpoint
+
+        ours = holds_checkpoint(Path(checkpoint).expanduser())
         outs.append(Output(checkpoint, "checkpoint folder", overwrite=ours,
                            hint="it holds no checkpoint; choose an empty or new --checkpoint_dir"))
     return outs

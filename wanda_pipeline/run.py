@@ -190,8 +190,10 @@ def _cleanup(outcome, spec: PipelineSpec) -> None:
     """After success: drop the checkpoint (unless kept) and a streamed model's staging shards."""
     import shutil
 
+    from wanda_pipeline.engine.checkpoint import remove_checkpoint
+
     if outcome.checkpoint_dir and not spec.engine.keep_checkpoints:
-        shutil.rmtree(outcome.checkpoint_dir, ignore_errors=True)
+        remove_checkpoint(outcome.checkpoint_dir)
     if outcome.streamed_to:
         shutil.rmtree(outcome.streamed_to, ignore_errors=True)
 

@@ -56,6 +56,10 @@ def remove_stale_partials(out: str | Path) -> list[Path]:
         for path in out.parent.glob(f".{glob.escape(out.name)}{marker}*"):
             owner_host, _, pid = path.name[len(out.name) + 1 + len(marker):].rpartition("-")
             if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                if marker == OLD and not out.exists():
+                    # killed between moving the old folder aside and the new one in: put it back
+                    path.rename(out)
+                    continue
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
@@ -66,23 +70,25 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary sibling folder; on success it replaces ``out_dir``, on any failure
     (signals included) it is removed. An existing non-empty ``out_dir`` needs ``overwrite``."""
     out = Path(out_dir).expanduser()
+    remove_stale_partials(out)  # first: it may put back the folder a killed save had moved aside
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}{PARTIAL}{_owner()}"
+    old = out.parent / f".{out.name}{OLD}{_owner()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        old = out.parent / f".{out.name}{OLD}{_owner()}"
         if out.exists():
             out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)  # the new folder did not go in: the old one comes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_pretrained(model: nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any]) -> None:
@@ -141,12 +147,13 @@ def save_sparse(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenanc
     stored as values + bitmask in ``sparse_weights.safetensors``; the rest stay dense.
     Load it back with :func:`load_sparse`."""
     with atomic_folder(out_dir, overwrite=True) as tmp:
-        _write_sparse(model, tokenizer, tmp, provenance, min_sparsity)
+        write_sparse(model, tokenizer, tmp, provenance, min_sparsity)
     return Path(out_dir)
 
 
-def _write_sparse(model: nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any],
-                  min_sparsity: float) -> None:
+def write_sparse(model: nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any],
+                 min_sparsity: float = 0.25) -> None:
+    """The files of :func:`save_sparse`, into an existing (temporary) folder ``out``."""
     state = model.state_dict()
     seen: dict[int, str] = {}
     dense, sparse, shapes = {}, {}, {}

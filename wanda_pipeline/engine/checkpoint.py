@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from wanda_pipeline.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
 VERSION = 1
+# every name this module writes, temporaries included
+_OURS = re.compile(r"(manifest\.json|(block|inputs)-\d{5}\.safetensors)(\.tmp)?")
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -43,6 +46,15 @@ def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         numel *= s
     out = (bits.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
     return out.reshape(-1)[:numel].bool().reshape(shape)
+
+
+def holds_checkpoint(folder: Path) -> bool:
+    """A folder a checkpoint may start over in: it has a manifest, or only checkpoint files (what
+    a half-finished removal leaves, manifest first)."""
+    if (folder / MANIFEST).is_file():
+        return True
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    return bool(entries) and all(_OURS.fullmatch(p.name) for p in entries)
 
 
 def manifest_problem(folder: Path, files: bool = True) -> str | None:
@@ -90,20 +102,33 @@ class Checkpoint:
             if finished and not (self.folder / self._inputs_name(finished)).exists() and finished < n_blocks:
                 raise ConfigError(f"checkpoint {self.folder} is incomplete (no inputs of block {finished}); "
                                   "pass --no_resume to start fresh")
+            self._drop_stale(finished)
             return finished
-        if self.folder.exists() and any(self.folder.iterdir()):
-            if not manifest.exists():
-                raise ConfigError(f"--checkpoint_dir {self.folder} is not empty and holds no checkpoint; "
-                                  "choose an empty or new folder")
-            shutil.rmtree(self.folder)
+        if self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists() and not self._only_ours():
+            raise ConfigError(f"--checkpoint_dir {self.folder} is not empty and holds no checkpoint; "
+                              "choose an empty or new folder")
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Commit "nothing finished" before deleting the old files: a crash while they go leaves a
+        # checkpoint that resumes at block 0, never a manifest pointing at deleted files.
         self._write_manifest(0)
+        self._drop_stale(0)
         return 0
 
     def _refuse_corrupt(self, problem: str | None) -> None:
         if problem:
             raise DataError(f"checkpoint {self.folder / MANIFEST} is corrupt: {problem}; pass --no_resume "
                             f"(engine.resume: false) to start fresh there, or remove {self.folder}")
+
+    def _only_ours(self) -> bool:
+        """True if every entry has a checkpoint file's name (what a half-finished remove leaves)."""
+        return holds_checkpoint(self.folder)
+
+    def _drop_stale(self, finished: int) -> None:
+        """Remove what the manifest does not use: later blocks, older inputs, temporaries."""
+        keep = {MANIFEST, self._inputs_name(finished), *(self._block_name(i) for i in range(finished))}
+        for path in self.folder.iterdir():
+            if path.name not in keep and _OURS.fullmatch(path.name):
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def _inputs_name(index: int) -> str:
@@ -148,4 +173,14 @@ class Checkpoint:
         return [tensors[f"batch.{j}"] for j in range(len(tensors))]
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_checkpoint(self.folder)
+
+
+def remove_checkpoint(folder: str | Path) -> None:
+    """Delete a checkpoint folder, manifest first: if the deletion stops half way, what is left is
+    never taken for a resumable checkpoint (the next start clears it)."""
+    try:
+        (Path(folder) / MANIFEST).unlink(missing_ok=True)
+    except OSError:
+        return  # still a whole, resumable checkpoint: better than half of one
+    shutil.rmtree(folder, ignore_errors=True)

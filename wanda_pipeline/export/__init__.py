@@ -33,7 +33,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, fmt: Format, pro
     """Write ``model`` to ``out_dir`` in ``fmt``. ``quantizer`` (the instance that quantised the
     model in this process) and ``pattern``/``include``/``exclude`` (what was pruned) matter for
     ``compressed-tensors`` only."""
-    from wanda_pipeline.saving import atomic_folder, save_model, save_sparse
+    from wanda_pipeline.saving import atomic_folder, save_model, write_sparse
 
     check_format(fmt)
     if fmt == "hf":
@@ -41,13 +41,15 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, fmt: Format, pro
     out = Path(out_dir).expanduser()
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; choose a new folder or allow overwriting (--overwrite)")
-    with atomic_folder(out, overwrite) as tmp:  # whole or nothing, whatever the writer does
+    # One atomic folder, whole or nothing, and no second one nested in it: a kill inside a nested
+    # one would leave a hidden folder that no later save to ``out`` recognises as its own.
+    with atomic_folder(out, overwrite) as tmp:
         if fmt == "bitmask-v1":
-            save_sparse(model, tokenizer, tmp, provenance)
+            write_sparse(model, tokenizer, tmp, provenance)
         else:
-            from wanda_pipeline.export.compressed_tensors import export_compressed
+            from wanda_pipeline.export.compressed_tensors import write_compressed
             from wanda_pipeline.export.metadata import sparsity_metadata
 
             meta = sparsity_metadata(model, pattern, include, exclude)
-            export_compressed(model, tokenizer, tmp, quantizer, meta, provenance)
+            write_compressed(model, tokenizer, tmp, quantizer, meta, provenance)
     return out

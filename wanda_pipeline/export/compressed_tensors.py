@@ -142,24 +142,31 @@ def export_compressed(model: nn.Module, tokenizer: Any, out_dir: str | Path, qua
     ``codes_for``), or None for an unquantised model. ``sparsity_meta`` comes from
     :func:`wanda_pipeline.export.metadata.sparsity_metadata`. The folder appears whole or not at all."""
     _require_library()
-    from compressed_tensors.compressors import ModelCompressor
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new folder or remove it")
-    meta = validated(sparsity_meta)
     with atomic_folder(out) as tmp:
-        if quantizer is None:
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            state, qconfig = compressed_state_dict(model, quantizer)
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg[CONFIG_KEY] = meta
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))
+        write_compressed(model, tokenizer, tmp, quantizer, sparsity_meta, provenance)
     return out
+
+
+def write_compressed(model: nn.Module, tokenizer: Any, tmp: Path, quantizer: Any | None,
+                     sparsity_meta: dict[str, Any], provenance: dict[str, Any]) -> None:
+    """The files of :func:`export_compressed`, into an existing (temporary) folder ``tmp``."""
+    _require_library()
+    from compressed_tensors.compressors import ModelCompressor
+
+    meta = validated(sparsity_meta)
+    if quantizer is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        state, qconfig = compressed_state_dict(model, quantizer)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[CONFIG_KEY] = meta
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str))

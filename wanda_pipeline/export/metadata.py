@@ -35,29 +35,32 @@ def sparsity_metadata(model: nn.Module, pattern: str = "unstructured", include: 
     """Measure the pruned linears (decoder-block linears passing include/exclude) of ``model``.
 
     ``sparsity_structure`` is the requested pattern if every target really follows it
-    (checked here); otherwise "unstructured"."""
+    (checked here); otherwise "unstructured". ``linears`` gives the same per target, with its
+    sparsity."""
     path, blocks = find_blocks(model)
-    targets: list[str] = []
+    linears: dict[str, dict[str, Any]] = {}
     zeros = numel = 0
     nm = parse_pattern(pattern)
-    holds = nm is not None
     for i, block in enumerate(blocks):
         for name, lin in find_linears(block, include, exclude).items():
             w = linear_weight_view(lin)
-            targets.append(f"{path}.{i}.{name}")
-            zeros += int((w == 0).sum())
+            z = int((w == 0).sum())
+            follows = nm is not None and follows_pattern(w, *nm)
+            linears[f"{path}.{i}.{name}"] = {"sparsity": z / w.numel(), "structure": pattern if follows
+                                             else "unstructured"}
+            zeros += z
             numel += w.numel()
-            if holds:
-                holds = follows_pattern(w, *nm)
-    target_set = set(targets)
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in target_set]
+    # nothing measured claims no structure
+    holds = nm is not None and bool(linears) and all(v["structure"] == pattern for v in linears.values())
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears]
     return {
         "format": "dense",
         "sparsity_structure": pattern if holds else "unstructured",
         "requested_pattern": pattern,
         "global_sparsity": zeros / numel if numel else 0.0,
-        "targets": targets,
+        "targets": list(linears),
         "ignore": ignore,
+        "linears": linears,  # per target: its own sparsity and whether it follows the pattern
     }
 
 

@@ -91,10 +91,12 @@ def register_and_promote(tracker, spec: RegisterSpec, pipeline: str, model_uri: 
         raise TrackingError(f"{name} v{version} registered but NOT promoted: {registry_error}")
     if decision.promote:
         try:
+            # tagged first: a version the alias points at always says it was promoted
+            if not registry.tag(name, version, {"promoted": "true"}):
+                raise TrackingError("could not tag the version as promoted")
             registry.set_alias(name, version, spec.alias, reason=decision.reason, manual=False)
         except TrackingError as exc:
-            registry.tag(name, version, {"promotion_blocked_reason": f"registry error: {exc}"})
+            registry.tag(name, version, {"promoted": "false", "promotion_blocked_reason": f"registry error: {exc}"})
             raise TrackingError(f"{name} v{version} passed every gate but was NOT promoted: {exc}") from exc
-        registry.tag(name, version, {"promoted": "true"})
         result.promoted = True
     return result

@@ -79,9 +79,14 @@ class ModelRegistry:
             mv = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
             version = mv.version
             for _ in range(60):
-                if client.get_model_version(name, version).status == "READY":
+                status = client.get_model_version(name, version).status
+                if status == "READY":
                     break
+                if status == "FAILED_REGISTRATION":
+                    raise TrackingError(f"version {version} is {status}")
                 time.sleep(0.5)
+            else:  # never tag or promote a version the registry has not finished making
+                raise TrackingError(f"version {version} is still {status} after 30 s")
             for k, v in tags.items():
                 client.set_model_version_tag(name, version, k, str(v))
             return str(version)
