@@ -20,7 +20,18 @@ from typing import Any
 
 from wanda_pipeline.errors import TrackingError
 
-CALLS = ("champion_metrics", "register", "tag", "set_alias")
+CALLS = ("champion_metrics", "champion_examples", "register", "tag", "set_alias")
+
+
+def nll_examples(ppl: float, windows: int = 24, spread: float = 0.01) -> dict[str, dict]:
+    """Per-window results behind a perplexity of exactly ``ppl`` (zero-mean spread around log ppl),
+    on one fixed set of windows, as the perplexity evaluator logs them."""
+    import math
+
+    wiggle = [spread * ((-1) ** i) * (1 + i % 3) for i in range(windows)]
+    shift = sum(wiggle) / windows
+    values = [math.log(ppl) + w - shift for w in wiggle]
+    return {"ppl_wikitext2": {"kind": "nll", "ids": list(range(windows)), "values": values, "digest": "windows-1"}}
 
 
 def timeout(call: str) -> TrackingError:
@@ -38,10 +49,13 @@ class FakeRegistry:
     uris: dict[tuple[str, str], str] = field(default_factory=dict)
     aliases: dict[tuple[str, str], str] = field(default_factory=dict)  # (name, alias) -> version
     calls: list[str] = field(default_factory=list)
+    examples: dict[str, dict] | None = None  # the champion run's per-example results (default: from its ppl)
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(CALLS)
         assert not unknown, f"no such registry call: {unknown}"
+        if self.examples is None and self.champion and "ppl_wikitext2" in self.champion:
+            self.examples = nll_examples(self.champion["ppl_wikitext2"])
 
     def _enter(self, call: str) -> None:
         self.calls.append(call)
@@ -53,6 +67,12 @@ class FakeRegistry:
         if self.champion is None or (name, alias) != (self.name, self.alias):
             return None  # another model's or alias's champion: none
         return dict(self.champion)
+
+    def champion_examples(self, name: str, alias: str) -> dict[str, dict] | None:
+        self._enter("champion_examples")
+        if self.champion is None or (name, alias) != (self.name, self.alias):
+            return None
+        return self.examples
 
     def register(self, model_uri: str, name: str, tags: dict[str, Any]) -> str:
         self._enter("register")
@@ -90,11 +110,16 @@ class FakeClient:
         self.runs: dict[str, dict[str, float]] = {}
         self.sources: dict[tuple[str, str], str] = {}  # what each version was registered from
         self.calls: list[str] = []
+        self.artifacts: dict[str, dict] = {}  # run id -> the per-example document it logged
         if champion is not None:
             self.models.add("m")
             self.versions[("m", "1")] = {}
             self.runs["run-1"] = dict(champion)
             self.aliases[("m", "champion")] = "1"
+            if "ppl_wikitext2" in champion:
+                from wanda_pipeline.per_example import document
+
+                self.artifacts["run-1"] = document(nll_examples(champion["ppl_wikitext2"]))
 
     def _enter(self, call: str) -> None:
         self.calls.append(call)
@@ -117,6 +142,20 @@ class FakeClient:
     def get_run(self, run_id):
         self._enter("get_run")
         return SimpleNamespace(data=SimpleNamespace(metrics=self.runs[run_id]))
+
+    def list_artifacts(self, run_id):
+        self._enter("list_artifacts")
+        from wanda_pipeline.per_example import ARTIFACT
+
+        return [SimpleNamespace(path=ARTIFACT)] if run_id in self.artifacts else []
+
+    def download_artifacts(self, run_id, path, dst):
+        import json
+
+        self._enter("download_artifacts")
+        out = Path(dst) / path
+        out.write_text(json.dumps(self.artifacts[run_id]))
+        return str(out)
 
     def get_registered_model(self, name):
         self._enter("get_registered_model")

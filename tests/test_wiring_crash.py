@@ -16,7 +16,7 @@ import torch
 from tests.fault_fs import FaultFS, fail_at, injected, recorded_steps
 from wanda_pipeline.engine import LayerEngine
 from wanda_pipeline.engine.checkpoint import MANIFEST, Checkpoint, remove_checkpoint
-from wanda_pipeline.errors import ConfigError
+from wanda_pipeline.errors import ConfigError, DataError
 from wanda_pipeline.pruners.wanda import WandaConfig, WandaPruner
 from wanda_pipeline.pruning import prune_model
 from wanda_pipeline.tiny_models import tiny_model
@@ -106,16 +106,16 @@ def test_removing_a_half_removed_checkpoint_removes_the_rest(tmp_path):
     assert not ck.exists()
 
 
-def test_an_unreadable_manifest_is_a_clear_config_error(tmp_path):
+def test_an_unreadable_manifest_is_a_clear_data_error(tmp_path):
     ck = tmp_path / "ck"
     pruned(ck)
     manifest = ck / MANIFEST
     for text in ('{"version": 1, "fingerp', json.dumps({"version": 1}), "[]"):
         manifest.write_text(text)
-        with pytest.raises(ConfigError) as err:
+        with pytest.raises(DataError) as err:
             Checkpoint(ck, {}).start(BLOCKS)
-        assert str(err.value).startswith(f"checkpoint manifest {manifest} cannot be read (")
-        assert str(err.value).endswith("); pass --no_resume to start fresh")
+        assert str(err.value).startswith(f"checkpoint {manifest} is corrupt: ")
+        assert str(err.value).endswith(f"; pass --no_resume (engine.resume: false) to start fresh there, or remove {ck}")
     assert same(pruned(ck, resume=False), pruned(None))
 
 
@@ -125,9 +125,11 @@ def test_a_manifest_pointing_at_a_missing_block_file_is_refused(tmp_path):
     (ck / "block-00001.safetensors").unlink()
     model = tiny_model("llama", seed=3, layers=BLOCKS)
     fp = json.loads((ck / MANIFEST).read_text())["fingerprint"]
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(DataError) as err:
         Checkpoint(ck, fp).start(BLOCKS)
-    assert str(err.value) == (f"checkpoint {ck} is incomplete (no state of block 1); pass --no_resume to start fresh")
+    assert str(err.value) == (f"checkpoint {ck / MANIFEST} is corrupt: block-00001.safetensors, which it counts as "
+                              f"written, is unusable: it is missing; pass --no_resume (engine.resume: false) to start "
+                              f"fresh there, or remove {ck}")
     del model
 
 
