@@ -115,7 +115,8 @@ def test_an_unreadable_manifest_is_a_clear_data_error(tmp_path):
         with pytest.raises(DataError) as err:
             Checkpoint(ck, {}).start(BLOCKS)
         assert str(err.value).startswith(f"checkpoint {manifest} is corrupt: ")
-        assert str(err.value).endswith(f"; pass --no_resume (engine.resume: false) to start fresh there, or remove {ck}")
+        assert str(err.value).endswith(
+            f"; pass --no_resume (engine.resume: false) to start fresh there, or remove {ck}")
     assert same(pruned(ck, resume=False), pruned(None))
 
 
