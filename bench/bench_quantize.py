@@ -90,6 +90,7 @@ def main() -> None:
             result = execute(spec, pipeline=label, progress=False)  # same seed and source: the same windows
             m = result.metrics
             row = {"method": label, "seconds": result.seconds, "ppl_wikitext2": m["ppl_wikitext2"],
+                   "ppl_ci": [m.get("ppl_wikitext2_ci_low"), m.get("ppl_wikitext2_ci_high")],
                    "eval_windows": result.protocols["perplexity"]["windows"], "sparsity": m["sparsity_total"],
                    "counters": {k: v for k, v in m.items() if k.startswith("counter_")}}
             if quantizer:  # a pruned zero that moved fails the run, so a finished row kept all of them
@@ -114,7 +115,7 @@ def render(record: dict, path: Path) -> None:
              f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, torch "
              f"{record['machine']['torch']}. Model: {a['model']}. Calibration: C4, {a['nsamples']} x {a['seqlen']}, "
              f"seed 0 (the same windows for every row). Perplexity: first {a['eval_windows']} WikiText-2 test "
-             f"windows of {a['eval_seqlen']}.", "",
+             f"windows of {a['eval_seqlen']}; [95% interval, bootstrap over windows].", "",
              "| method | sparsity | ppl | x dense | x unquantized | bits/weight | quantize s | pruned zeros kept "
              "| exported MB |", "|---" * 9 + "|"]
     for r in record["runs"]:
@@ -125,7 +126,9 @@ def render(record: dict, path: Path) -> None:
         kept = "-" if q is None else f"{r['pruned_zeros_kept']:.0%}"
         bits = "-" if q is None else f"{q:.3f}"
         size = f"{r['exported_bytes'] / 1e6:.0f}" if "exported_bytes" in r else ("-" if q is None else "n/a")
-        lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {r['ppl_wikitext2']:.2f} | {vs_dense} | {vs_base} | "
+        lo, hi = r.get("ppl_ci") or (None, None)
+        ppl = f"{r['ppl_wikitext2']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+        lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {ppl} | {vs_dense} | {vs_base} | "
                      f"{bits} | {r.get('quant_seconds', 0):.1f} | {kept} | {size} |")
     lines += ["", "n/a: the group size does not divide every linear (SmolLM2: 576 % 128 = 64), so compressed-tensors "
               "cannot store it; measured in memory only."]

@@ -76,6 +76,7 @@ def run_one(args, label: str) -> dict:
             zeroshot[task] = {"acc": acc, "ci95": half, "n": n.get(task)}
     device_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     return {"method": label, "ppl_wikitext2": m.get("ppl_wikitext2"), "sparsity": m.get("sparsity_total"),
+            "ppl_ci": [m.get("ppl_wikitext2_ci_low"), m.get("ppl_wikitext2_ci_high")],
             "eval_windows": result.protocols.get("perplexity", {}).get("windows"),
             "zeroshot_mean": m.get("zeroshot_mean"),
             "zeroshot": zeroshot, "prune_s": result.seconds.get("prune"), "seconds": result.seconds,
@@ -117,16 +118,21 @@ def render(record: dict, path: Path) -> None:
              f"{record['machine']['torch']}. Model {a['model']} ({a['dtype']}). "
              f"Calibration: {a['calibration'] or 'c4'}, "
              f"{a['nsamples']} x {a['seqlen']}, seed 0, the same windows for every row. Perplexity: first "
-             f"{a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']}. Regional optimisation: "
+             f"{a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']} [95% interval, bootstrap over "
+             f"windows]. Regional optimisation: "
              f"{json.dumps(ro_options(argparse.Namespace(**a)))}. Each row in its own process.", "",
              "| method | sparsity | WikiText-2 ppl | x dense | vs Wanda | zero-shot mean | prune s | x Wanda time "
              "| prune s per block | peak RSS GiB | peak device GiB |", "|---" * 11 + "|"]
+    def ci(r: dict) -> str:
+        lo, hi = r.get("ppl_ci") or (None, None)
+        return "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
+
     for r in runs:
         w = wanda.get(r["method"].split()[-1])
         ppl = r["ppl_wikitext2"]
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(
-            f"| {r['method']} | {fmt(r['sparsity'], '.3f')} | {fmt(ppl, '.2f')} | "
+            f"| {r['method']} | {fmt(r['sparsity'], '.3f')} | {fmt(ppl, '.2f')}{ci(r)} | "
             f"{fmt(ppl / dense['ppl_wikitext2'] if dense and ppl else None, '.2f')} | "
             f"{fmt(ppl / w['ppl_wikitext2'] - 1 if w and ppl and r is not w else None, '+.1%')} | "
             f"{fmt(r['zeroshot_mean'], '.3f')} | {fmt(r['prune_s'], '.0f')} | "
