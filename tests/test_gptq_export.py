@@ -118,10 +118,11 @@ def test_a_gptq_champion_is_a_compressed_tensors_folder(tmp_path, tiny_dir):
 
     from wanda_pipeline.models import state_digest
     from wanda_pipeline.orchestration.compress import compress
+    from wanda_pipeline.tracking.model_logging import model_folders
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = quick_spec(str(tiny_dir), uri, quantizer={"name": "gptq", "bits": 4, "group_size": 16},
-                      evaluators=[{"name": "perplexity", "seqlen": 128, "windows": 2}, {"name": "sparsity"}],
+                      evaluators=[{"name": "perplexity", "seqlen": 32, "windows": 8}, {"name": "sparsity"}],
                       register={"format": "compressed-tensors",
                                 "gates": {"max_ppl_ratio": 100.0, "min_sparsity": 0.49}})
     summary = compress("tiny-gptq", spec)
@@ -130,7 +131,8 @@ def test_a_gptq_champion_is_a_compressed_tensors_folder(tmp_path, tiny_dir):
     assert summary["registration"]["promoted"] and summary["metrics"]["counter_quantizer_linears"] == 14
     mlflow.set_tracking_uri(uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny-gptq@champion", dst_path=str(tmp_path / "c"))
-    quant = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    folder, _ = model_folders(local)  # the transformers flavour's model/ (symmetric int4)
+    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert quant["format"] == "pack-quantized" and quant["config_groups"]["group_0"]["weights"]["group_size"] == 16
-    loaded = AutoModelForCausalLM.from_pretrained(local, quantization_config=CompressedTensorsConfig(dequantize=True))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=CompressedTensorsConfig(dequantize=True))
     assert state_digest(loaded) == summary["weights_digest"]
