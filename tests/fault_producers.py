@@ -86,11 +86,12 @@ def bad_yaml(tmp: Path):
 
 
 def not_utf8(tmp: Path):
-    from wanda_pipeline.data import read_local_documents
-
+    # The calibration reader now names bad lines itself (a DataError, tests/test_bad_inputs.py); this
+    # row stands for any other reader that decodes a file as UTF-8 inside a stage.
     path = tmp / "cal.jsonl"
     path.write_bytes(b'{"text": "caf\xe9"}\n')
-    read_local_documents(path)
+    with open(path, encoding="utf-8") as fh:
+        fh.read()
 
 
 def missing_file(tmp: Path):
