@@ -55,9 +55,11 @@ CLI = [
     (["--no_resume"], "engine.resume", False),
     (["--keep_checkpoints"], "engine.keep_checkpoints", True),
     (["--stream"], "engine.stream", True),
-    (["--save_model", "/o", "--save_format", "compressed-tensors", "--overwrite"], "save",
+    (["--save_model", "/o", "--save_format", "compressed-tensors", "--overwrite", "--quantizer", "rtn"], "save",
      {"path": "/o", "format": "compressed-tensors", "overwrite": True}),
     (["--save_model", "/o"], "save", {"path": "/o", "format": "hf", "overwrite": False}),
+    (["--quantizer", "gptq", "--bits", "8", "--group_size", "64", "--quantizer_option", "act_order=false"],
+     "quantizer", {"name": "gptq", "bits": 8, "group_size": 64, "act_order": False}),
     (["--tracking-uri", "sqlite:///x.db", "--experiment", "e"], "tracking", {"uri": "sqlite:///x.db",
                                                                              "experiment": "e"}),
 ]
@@ -72,6 +74,10 @@ def test_each_prune_flag_lands_in_the_spec_and_the_engine(argv, path, value):
         engine = stages.make_engine(spec.engine, progress=False)
         want = torch.device(value) if path == "engine.device" else value
         assert getattr(engine, path.split(".")[1]) == want
+    if path == "quantizer":  # the options reach the plugin's config
+        quantizer = discover().create("quantizer", spec.quantizer.name, spec.quantizer.options())
+        assert {k: getattr(quantizer.config, k) for k in value if k != "name"} == {k: v for k, v in value.items()
+                                                                                   if k != "name"}
     if path.startswith("pruner."):
         pruner = discover().create("pruner", spec.pruner.name, spec.pruner.options())
         assert getattr(pruner.config, path.split(".")[1], spec.pruner.name) == value
@@ -110,10 +116,11 @@ def test_the_prune_flags_defaults_are_pinned():
         "engine": {"device": "cpu", "batch_size": 1, "passes": 2, "threads": None, "offload_activations": True,
                    "include": None, "exclude": None, "checkpoint_dir": None, "resume": True,
                    "keep_checkpoints": False, "stream": False},
-        "quantizer": None, "evaluators": [{"name": "perplexity"}, {"name": "sparsity"}], "dense_baseline": False,
+        "reconstruct": None, "quantizer": None, "evaluators": [{"name": "perplexity"}, {"name": "sparsity"}], "dense_baseline": False,
         "register": {"enabled": False, "model_name": None, "alias": "champion",
                      "gates": {"max_ppl_ratio": None, "min_zeroshot_ratio": None, "min_sparsity": None,
-                               "beat_champion": None, "lower_is_better": True}, "compressed": True, "format": None},
+                               "beat_champion": None, "lower_is_better": None, "confidence": 0.95,
+                               "bound": "interval"}, "compressed": True, "format": None},
         "tracking": {"uri": None, "experiment": "wanda-pipeline"}, "schedule": None, "save": None}
 
 
@@ -133,6 +140,10 @@ PLUGIN_DEFAULTS = {
                               "max_damp_retries": 4},
     ("pruner", "wanda"): {"sparsity": 0.5, "pattern": "unstructured", "group": "output", "use_variant": False,
                           "variant_tol": 0.001},
+    ("pruner", "wanda++"): {"sparsity": 0.5, "pattern": "unstructured", "alpha": 100.0, "gradient": "rms",
+                            "ro": {"iterations": 5, "samples": 32, "lr": 3e-07, "optimizer": "rmsprop", "seed": 0}},
+    ("quantizer", "gptq"): {"bits": 4, "group_size": 128, "symmetric": True, "scale_bits": 16, "percdamp": 0.01,
+                            "blocksize": 128, "act_order": True, "max_damp_retries": 4},
     ("quantizer", "rtn"): {"bits": 8, "group_size": 128, "symmetric": True, "scale_bits": 16},
 }
 
