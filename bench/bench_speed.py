@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,8 +30,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_core import machine  # noqa: E402
 from micro_speed import mask_timing, stats_timing  # noqa: E402
+from paper_code import commit, paper_prune, reference_dir  # noqa: E402
 
 OUT = HERE / "results"
+PAPER = "paper code (locuslab/wanda)"
+PROCEDURE = "reference procedure"
 
 
 def engine_options() -> set[str]:
@@ -40,9 +44,11 @@ def engine_options() -> set[str]:
 
 
 def configurations(args) -> list[tuple[str, dict | None]]:
-    """(label, engine options); None is the reference procedure."""
+    """(label, engine options); None for the paper code (first, when $WANDA_REFERENCE_DIR names a
+    checkout: every ratio is against it) and the in-repo reference procedure."""
     have = engine_options()
-    configs: list[tuple[str, dict | None]] = [("reference procedure", None)]
+    configs: list[tuple[str, dict | None]] = [(PAPER, None)] if reference_dir() else []
+    configs.append((PROCEDURE, None))
     passes = [p for p in args.passes if p == 2 or "passes" in have]
     for p in passes:
         for bs in args.batch_sizes:
@@ -85,9 +91,12 @@ def run_one(label: str, opts: dict | None, args, pattern_file: Path) -> dict:
         tokens = calibration_windows("c4", tokenizer, args.nsamples, default_seqlen(info.max_positions, args.seqlen),
                                      0).tokens
         nm = tuple(int(x) for x in args.pattern.split(":")) if args.pattern != "unstructured" else None
-        t = time.perf_counter()
-        reference_prune(model, tokens, args.sparsity, nm, keep_masks=False)
-        prune_s = time.perf_counter() - t
+        if label == PAPER:
+            prune_s = paper_prune(model, tokens, args.sparsity, nm, reference_dir())
+        else:
+            t = time.perf_counter()
+            reference_prune(model, tokens, args.sparsity, nm, keep_masks=False)
+            prune_s = time.perf_counter() - t
     else:
         from wanda_pipeline.run import call, execute
 
@@ -103,23 +112,27 @@ def run_one(label: str, opts: dict | None, args, pattern_file: Path) -> dict:
         model, tokenizer = kept["loaded"].model, kept["loaded"].tokenizer
         prune_s = result.seconds["prune"]
     load_after = os.getloadavg()[0]
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # load + prune, before evaluation
     save_pattern(model, pattern_file)
     tokens = wikitext2_test_tokens(tokenizer)
     ppl, used = perplexity(model, tokens, args.eval_seqlen, args.eval_windows, device="cpu", progress=False)
     return {"label": label, "engine": opts, "prune_s": prune_s, "ppl": ppl, "eval_windows": used,
-            "threads": torch.get_num_threads(), "loadavg_1min": [load_before, load_after]}
+            "peak_rss_mib": peak_rss_mib, "threads": torch.get_num_threads(), "loadavg_1min": [load_before, load_after]}
 
 
 def table(record: dict) -> list[str]:
     runs = record["runs"]
-    ref = next((r for r in runs if r["engine"] is None), None)
-    if ref is None:
+    if not runs:
         return ["(no prune runs in this invocation)"]
-    lines = ["| configuration | prune s | x reference | WikiText-2 ppl | ppl vs reference | "
-             "pruned pattern = reference | load avg (before, after) |", "|---|---|---|---|---|---|---|"]
+    ref = runs[0]  # the paper code when it ran, else the reference procedure
+    lines = [f"Baseline of every ratio and of the pattern agreement: {ref['label']}.", "",
+             "| configuration | prune s | x baseline | peak RSS MiB | x baseline | WikiText-2 ppl | ppl vs baseline | "
+             "pruned pattern = baseline | load avg (before, after) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['label']} | {r['prune_s']:.1f} | {r['prune_s'] / ref['prune_s']:.2f} | {r['ppl']:.3f} | "
-                     f"{100 * (r['ppl'] / ref['ppl'] - 1):+.2f} % | {100 * r['agreement']:.4f} % | "
+        rss = r.get("peak_rss_mib")
+        rss_cells = f"{rss:.0f} | {rss / ref['peak_rss_mib']:.2f}" if rss and ref.get("peak_rss_mib") else "- | -"
+        lines.append(f"| {r['label']} | {r['prune_s']:.1f} | {r['prune_s'] / ref['prune_s']:.2f} | {rss_cells} | "
+                     f"{r['ppl']:.3f} | {100 * (r['ppl'] / ref['ppl'] - 1):+.2f} % | {100 * r['agreement']:.4f} % | "
                      f"{r['loadavg_1min'][0]:.1f}, {r['loadavg_1min'][1]:.1f} |")
     return lines
 
@@ -137,7 +150,9 @@ def render(record: dict) -> str:
              f"{a['sparsity'] if a['pattern'] == 'unstructured' else ''}; perplexity on the first "
              f"{a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']} tokens. One process per "
              "row; the reference procedure is bench/reference_procedure.py (batch 1, hooks, two passes "
-             "per block, whole model on the device).", ""]
+             "per block, whole model on the device); the paper code is locuslab/wanda's own `prune_wanda` "
+             f"at {record.get('paper_commit') or '(not run: set $WANDA_REFERENCE_DIR)'}, patched at run time by "
+             "bench/paper_code.py. Peak RSS: the row's process after load and prune, before evaluation.", ""]
     lines += table(record)
     lines += [""] + [f"Note: {n}" for n in record.get("notes", [])]
     if record.get("skipped"):
@@ -191,6 +206,7 @@ def main() -> None:
     record = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "settings": vars(args),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": [], "gpu": None}
     configs = [] if args.skip_prune else configurations(args)
+    record["paper_commit"] = commit(reference_dir()) if reference_dir() else None
     record["skipped"] = [f"passes={p}" for p in args.passes if p != 2 and "passes" not in engine_options()]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, _) in enumerate(configs):
@@ -202,7 +218,7 @@ def main() -> None:
                 raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
             run = json.loads(line[7:])
             bits = np.unpackbits(np.load(pattern_file))
-            ref_bits = np.unpackbits(np.load(Path(tmp) / "0.npy"))
+            ref_bits = np.unpackbits(np.load(Path(tmp) / "0.npy"))  # the first row: the baseline
             run["agreement"] = float((bits == ref_bits).mean())
             record["runs"].append(run)
             print(json.dumps(run), flush=True)

@@ -72,3 +72,30 @@ def test_reference_reuses_the_last_captured_arguments(tokens_gen):
     for j in range(3):
         torch.testing.assert_close(grabbed[j], seen[j], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grabbed[3 + j], seen[j], rtol=1e-5, atol=1e-6)
+
+
+_paper_spec = importlib.util.spec_from_file_location(
+    "paper_code", Path(__file__).resolve().parents[1] / "bench" / "paper_code.py")
+paper_code = importlib.util.module_from_spec(_paper_spec)
+_paper_spec.loader.exec_module(paper_code)
+
+
+def test_paper_code_dir_that_is_not_a_checkout_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(paper_code.ENV, str(tmp_path))
+    with pytest.raises(SystemExit, match="no lib/prune.py there.*locuslab/wanda"):
+        paper_code.reference_dir()
+    monkeypatch.delenv(paper_code.ENV)
+    assert paper_code.reference_dir() is None
+
+
+@pytest.mark.skipif(not paper_code.reference_dir(), reason="set WANDA_REFERENCE_DIR to a locuslab/wanda checkout")
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_reference_procedure_equals_the_paper_code(nm, tokens_gen):
+    """The in-repo procedure prunes exactly what locuslab/wanda's prune_wanda prunes (patched to run here)."""
+    model = tiny_model("llama", seed=5, layers=3)
+    twin = copy.deepcopy(model)
+    tokens = tokens_gen(model.config.vocab_size, 6, 24, seed=5)
+    paper_code.paper_prune(model, tokens, 0.5, nm, paper_code.reference_dir())
+    reference.reference_prune(twin, tokens, 0.5, nm, keep_masks=False)
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
