@@ -64,8 +64,12 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--rows", nargs="*", help="labels to run (default: all)")
     p.add_argument("--tag", default="quantize")
+    p.add_argument("--render-only", action="store_true", help="rewrite <tag>.md from the saved <tag>.json")
     args = p.parse_args()
     out_dir = Path(__file__).parent / "results"
+    if args.render_only:
+        render(json.loads((out_dir / f"{args.tag}.json").read_text()), out_dir / f"{args.tag}.md")
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
@@ -117,8 +121,8 @@ def render(record: dict, path: Path) -> None:
              f"{record['machine']['torch']}. Model: {a['model']}. Calibration: C4, {a['nsamples']} x {a['seqlen']}, "
              f"seed 0 (the same windows for every row). Perplexity: first {a['eval_windows']} WikiText-2 test "
              f"windows of {a['eval_seqlen']}; [95% interval, bootstrap over windows].", "",
-             "| method | sparsity | ppl | x dense | x unquantized | bits/weight | quantize s | pruned zeros kept "
-             "| exported MB |", "|---" * 9 + "|"]
+             "| method | sparsity | ppl | x dense | x unquantized | bits/weight | prune stage s | quantizer s "
+             "| pruned zeros kept | exported MB |", "|---" * 10 + "|"]
     for r in record["runs"]:
         base = runs.get(next((p for p in [*PRUNERS, "dense"] if r["method"].startswith(p)), ""))
         vs_dense = f"{r['ppl_wikitext2'] / dense['ppl_wikitext2']:.2f}" if dense else "-"
@@ -129,10 +133,15 @@ def render(record: dict, path: Path) -> None:
         size = f"{r['exported_bytes'] / 1e6:.0f}" if "exported_bytes" in r else ("-" if q is None else "n/a")
         lo, hi = r.get("ppl_ci") or (None, None)
         ppl = f"{r['ppl_wikitext2']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+        quant_s = "-" if q is None else f"{r['quant_seconds']:.1f}"
         lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {ppl} | {vs_dense} | {vs_base} | "
-                     f"{bits} | {r.get('quant_seconds', 0):.1f} | {kept} | {size} |")
+                     f"{bits} | {r['seconds'].get('prune', 0):.0f} | {quant_s} | {kept} | {size} |")
     lines += ["", "n/a: the group size does not divide every linear (SmolLM2: 576 % 128 = 64), so compressed-tensors "
-              "cannot store it; measured in memory only."]
+              "cannot store it; measured in memory only.",
+              "Prune stage s: the block loop, which for GPTQ rows also holds the Gram accumulation, the GPTQ solve "
+              "and the recomputed block outputs; quantizer s: the quantizer's own time (GPTQ's solve, RTN's rounding).",
+              "Sparsity after GPTQ/RTN can exceed the pruned 50 %: weights whose code is 0 dequantize to 0.",
+              *record.get("notes", [])]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
