@@ -143,9 +143,8 @@ def render(record: dict) -> str:
     lines = [f"# Engine speed ({record['started']})", "", f"Command: `{record['command']}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
              f"python {m['python']}; torch threads per run: {a['threads']}.", "",
-             "No GPU was lent to this session: every figure is CPU. The machine is shared with other "
-             "jobs (see the load averages: on 2 cores anything above 2 means contention), so absolute "
-             "seconds are noisy; the ratios compare runs of the same invocation.", "",
+             "Every figure is CPU. The load averages show whether other jobs shared the cores (on 2 cores "
+             "anything above 2 means contention); the ratios compare runs of the same invocation.", "",
              f"Prune stage of {a['model']} (fp32), C4 {a['nsamples']}x{a['seqlen']}, Wanda {a['pattern']} "
              f"{a['sparsity'] if a['pattern'] == 'unstructured' else ''}; perplexity on the first "
              f"{a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']} tokens. One process per "
