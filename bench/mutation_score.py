@@ -88,7 +88,9 @@ def main() -> int:
     open_, equiv = [], []
     for name, code in sorted(results.items()):
         mod = module_of(name)
-        if code in KILLED:
+        if code is None:  # not run yet (a run stopped early): neither killed nor a survivor
+            per_module[mod]["not_run"] += 1
+        elif code in KILLED:
             per_module[mod]["killed"] += 1
         elif code == 0 and (reason := equivalent(name, changes.get(name, []))):
             per_module[mod]["equivalent"] += 1
@@ -99,19 +101,23 @@ def main() -> int:
     lines = []
     for mod, c in sorted(per_module.items()):
         n = c["killed"] + c["alive"]
-        lines.append(f"{mod}: {c['killed']}/{n} killed ({100 * c['killed'] / n:.1f} %), {c['equivalent']} equivalent")
+        pct = f"{100 * c['killed'] / n:.1f} %" if n else "-"
+        lines.append(f"{mod}: {c['killed']}/{n} killed ({pct}), {c['equivalent']} equivalent"
+                     + (f", {c['not_run']} not run" if c["not_run"] else ""))
     killed = sum(c["killed"] for c in per_module.values())
     total = killed + sum(c["alive"] for c in per_module.values())
-    score = f"mutation score: {killed}/{total} killed ({100 * killed / total:.1f} %)"
+    not_run = sum(c["not_run"] for c in per_module.values())
+    score = f"mutation score: {killed}/{total} killed ({100 * killed / max(total, 1):.1f} %)" + (
+        f"; {not_run} mutants not run (the run stopped early)" if not_run else "")
     if args.by_module:
         print("\n".join(lines))
     if args.survivors:
         for name, code in open_:
             print(f"not killed (exit {code}): {name}\n    " + "\n    ".join(changes.get(name, ["?"])))
     if args.markdown:
-        md = ["| module | killed / counted | equivalent |", "|---|---|---|"]
-        md += [f"| {m} | {c['killed']}/{c['killed'] + c['alive']} | {c['equivalent']} |" for m, c in
-               sorted(per_module.items())]
+        md = ["| module | killed / counted | equivalent | not run |", "|---|---|---|---|"]
+        md += [f"| {m} | {c['killed']}/{c['killed'] + c['alive']} | {c['equivalent']} | {c['not_run']} |"
+               for m, c in sorted(per_module.items())]
         md += ["", f"**{score}**", "", "### Not killed", ""]
         md += [f"- `{n}` (exit {code}): `{' / '.join(changes.get(n, ['?']))}`" for n, code in open_] or ["(none)"]
         md += ["", "### Equivalent (left out of the score)", ""]
