@@ -146,3 +146,43 @@ def test_the_save_stage_writes_provenance_and_the_quantized_format_over_an_old_f
     provenance = json.loads((out / "wanda_provenance.json").read_text())
     assert provenance["metrics"]["sparsity_total"] == result.metrics["sparsity_total"]
     assert provenance["pruner"]["name"] == "wanda" and provenance["quantizer"]["bits"] == 8
+
+
+def test_the_prune_command_hands_execute_its_tracker_outputs_and_name_and_reports_the_result(
+        tiny_dir, tmp_path, monkeypatch, capsys):
+    """cmd_prune's own wiring, with execute replaced: what it is given, and what is printed and logged
+    from what it returns (the perplexity line, stage seconds, the results log, the run id)."""
+    import wanda_pipeline.run as run_module
+    import wanda_pipeline.tracking as tracking
+    from wanda_pipeline.cli import main
+    from wanda_pipeline.run import RunResult
+
+    seen = {}
+
+    class Tracker:
+        def __init__(self, *args):
+            seen["tracker_args"] = args
+
+    def fake_execute(spec, **kw):
+        seen.update(kw, spec=spec)
+        return RunResult("p", metrics={"sparsity_total": 0.5, "ppl_wikitext2_vs_dense": 9.0, "ppl_wikitext2": 12.34567},
+                         protocols={"perplexity": {"windows": 4, "seqlen": 128}}, seconds={"load": 1.0, "prune": 2.25},
+                         saved="/somewhere", mlflow_run_id="run-1", tracking_uri="sqlite:///t.db")
+
+    monkeypatch.setattr(tracking, "MLflowTracker", Tracker)
+    monkeypatch.setattr(run_module, "execute", fake_execute)
+    log = tmp_path / "new" / "log"
+    code = main(["prune", "--model", str(tiny_dir), "--prune_method", "magnitude", "--save", str(log),
+                 "--tracking-uri", "sqlite:///t.db", "--experiment", "exp"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert seen["pipeline"] == "prune-magnitude" and seen["tracker_args"] == ("sqlite:///t.db", "exp")
+    assert isinstance(seen["tracker"], Tracker) and seen["run_stage"].__name__ == "announce"
+    folder = [o for o in seen["outputs"] if o.path == str(log)]
+    assert len(folder) == 1 and folder[0].what == "results-log folder" and folder[0].overwrite is True
+    assert out.splitlines()[:4] == ["*" * 30, "sparsity sanity check 0.5000",
+                                    "wikitext perplexity 12.3457  (4 windows x 128 tokens)", "*" * 30]
+    assert "stage seconds: load 1.0, prune 2.2" in out  # 2.25 rounds to even
+    assert "saved pruned model to /somewhere" in out and "mlflow run run-1 (sqlite:///t.db)" in out
+    assert (log / "log_magnitude.txt").read_text().splitlines() == ["method\tactual_sparsity\tppl_test",
+                                                                    "magnitude\t0.5000\t12.34567"]

@@ -234,3 +234,17 @@ def test_log_model_writes_the_folder_logs_its_sizes_and_returns_the_uri():
     assert uri == URI and logged["files"] == ["w.bin"]
     assert logged["metrics"] == {"model_stored_bytes": 30, "model_dense_bytes": 60, "model_stored_ratio": 0.5}
     assert logged["metadata"] == {"sparsity": 0.5, "pipeline": "pipe", "format": "hf"}
+
+
+def test_the_dense_baselines_per_window_results_reach_the_interval_ratio_gate(monkeypatch):
+    """With `bound: interval` the ratio gate needs the dense model's windows too: they must be
+    handed on to the gates, or every interval ratio gate fails for want of them."""
+    fake = FakeRegistry(champion=None)
+    monkeypatch.setattr(promotion, "ModelRegistry", lambda tracker: fake)
+    spec = RegisterSpec(model_name=NAME, gates={"max_ppl_ratio": 2.0})  # bound: interval, the default
+    result = promotion.register_and_promote(object(), spec, "pipe", URI, dict(GOOD), DENSE, 0.5, {},
+                                            examples=nll_examples(GOOD["ppl_wikitext2"]),
+                                            dense_examples=nll_examples(DENSE["ppl_wikitext2"]))
+    gate = next(g for g in result.gates if g["name"] == "max_ppl_ratio")
+    assert gate["passed"] is True and gate["test"].startswith("paired bootstrap, ") and gate["interval"]
+    assert result.promoted is True and fake.aliases == {(NAME, "champion"): "1"}
