@@ -141,11 +141,11 @@ def _evaluator_data(key: str, cfg: Any) -> list[WandaPipelineError]:
         return [DataError(f"evaluator {key!r} needs {dataset!r}, which has no local file and HF_DATASETS_OFFLINE=1; "
                           f"set $WANDA_DATA_DIR to the data folder or give the evaluator a `path`")]
     if getattr(cfg, "source", None) == "local" and hasattr(cfg, "tasks"):
-        from wanda_pipeline.evaluators.zeroshot import LOCAL_FILES
+        from wanda_pipeline.evaluators.zeroshot import local_task_file
         from wanda_pipeline.settings import data_dir
 
         root = Path(cfg.data_dir) if getattr(cfg, "data_dir", None) else data_dir()
-        missing = [t for t in cfg.tasks if root is None or not (root / LOCAL_FILES[t]).exists()]
+        missing = [t for t in cfg.tasks if root is None or not local_task_file(t, Path(root)).exists()]
         if missing:
             return [DataError(f"evaluator {key!r}: no local data for tasks {missing} under {root}; "
                               f"set its `data_dir` or $WANDA_DATA_DIR")]

@@ -82,14 +82,19 @@ def _hellaswag_clean(text: str) -> str:
     return text.replace("  ", " ")
 
 
+def local_task_file(task: str, root: Path) -> Path:
+    """Where a local task's file is under ``root``: ``root/zeroshot/<file>`` when ``root`` has a
+    ``zeroshot`` folder (the shared data folder's layout), else ``root/<file>``."""
+    return root / "zeroshot" / LOCAL_FILES[task] if (root / "zeroshot").exists() else root / LOCAL_FILES[task]
+
+
 def local_task_config(task: str, root: Path | None = None) -> dict:
     """An lm-eval task config dict over a converted local file (cached by content)."""
     base = root or data_dir()
     if base is None:
         raise DataError(f"zero-shot task {task!r} with source 'local' needs $WANDA_DATA_DIR (or `data_dir:`) "
                         f"pointing at a folder with zeroshot/{LOCAL_FILES.get(task, '...')}")
-    src = Path(base) / "zeroshot" / LOCAL_FILES[task] if (Path(base) / "zeroshot").exists() \
-        else Path(base) / LOCAL_FILES[task]
+    src = local_task_file(task, Path(base))
     if not src.exists():
         raise DataError(f"zero-shot data for {task!r} not found at {src}")
     out = cache_dir() / "zeroshot" / f"{task}-v{CONVERSION_VERSION}-{src.stat().st_size}.jsonl"
