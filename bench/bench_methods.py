@@ -13,6 +13,7 @@ interval over windows, accuracies with lm-eval's standard error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -76,7 +77,9 @@ def main() -> None:
             evaluators=[{"name": "perplexity", "seqlen": args.eval_seqlen, "windows": args.eval_windows},
                         {"name": "zeroshot", "limit": args.zeroshot_limit or None, "batch_size": 8},
                         {"name": "sparsity"}])
-        result = execute(spec, pipeline=label, progress=False)  # the same seed and source give the same windows
+        examples: dict = {}
+        result = execute(spec, pipeline=label, progress=False,  # the same seed and source give the same windows
+                         run_stage=functools.partial(_keep_examples, into=examples))
         m = result.metrics
         row = {"method": label, "block_ratios": result.block_targets, "seconds": result.seconds,
                "ppl_wikitext2": m["ppl_wikitext2"], "eval_windows": result.protocols["perplexity"]["windows"],
@@ -90,14 +93,48 @@ def main() -> None:
                                    if k.startswith("zeroshot_") and k.endswith("_acc_stderr")},
                "zeroshot_n": {k.removeprefix("zeroshot_").removesuffix("_n"): int(v) for k, v in m.items()
                               if k.startswith("zeroshot_") and k.endswith("_n") and k != "zeroshot_mean_n"}}
+        row["examples"] = {k: v["values"] for k, v in examples.items() if "values" in v}  # for paired comparisons
         if quantizer:
             row["bits_per_weight"] = m["quant_bits_per_weight"]
             row["quant_model_bytes"] = m["quant_model_bytes"]
         record["runs"].append(row)
         (out_dir / f"{args.tag}.json").write_text(json.dumps(record, indent=2))
-        print(json.dumps({k: v for k, v in row.items() if k not in ("block_ratios", "zeroshot")}), flush=True)
+        shown = {k: v for k, v in row.items() if k not in ("block_ratios", "zeroshot", "examples")}
+        print(json.dumps(shown), flush=True)
 
     render(record, out_dir / f"{args.tag}.md")
+
+
+def _keep_examples(stage: str, fn, *args, cache_key: str | None = None, into: dict):
+    """A stage runner that calls the stage and keeps the evaluators' per-example results."""
+    out = fn(*args)
+    if stage == "evaluate":
+        into.update({k: v for r in out.values() for k, v in r.examples.items()})
+    return out
+
+
+def paired_lines(record: dict, reference: str) -> list[str]:
+    """Each row against ``reference`` on the same windows and examples: the perplexity ratio and
+    the 7-task mean's accuracy difference, with paired 95% bootstrap intervals."""
+    from wanda_pipeline.intervals import paired_accuracy, paired_log_ratio
+
+    ref = next((r for r in record["runs"] if r["method"] == reference and r.get("examples")), None)
+    if ref is None:
+        return []
+    tasks = list(ref["zeroshot"])
+    lines = ["", f"Paired against {reference} (same windows, same examples; 95% paired bootstrap): perplexity "
+             f"ratio, and the mean accuracy's difference over the tasks, in points.", "",
+             f"| method | ppl / {reference} ppl | zero-shot mean - {reference} |", "|---|---|---|"]
+    for r in record["runs"]:
+        ex = r.get("examples") or {}
+        if r is ref or "ppl_wikitext2" not in ex:
+            continue
+        ratio = paired_log_ratio(ex["ppl_wikitext2"], ref["examples"]["ppl_wikitext2"], 0.95)
+        groups = [(ex[f"zeroshot_{t}_acc"], ref["examples"][f"zeroshot_{t}_acc"]) for t in tasks]
+        diff, _ = paired_accuracy(groups, 0.95)
+        lines.append(f"| {r['method']} | {ratio.point:.3f} [{ratio.low:.3f}, {ratio.high:.3f}] | "
+                     f"{100 * diff.point:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] |")
+    return lines
 
 
 def _eval_seconds(s: dict) -> float:
@@ -115,13 +152,15 @@ def render(record: dict, path: Path) -> None:
     missing = [label for label, *_ in ROWS if label not in done and (not a.get("rows") or label in a["rows"])]
     dense = next((r for r in record["runs"] if r["method"] == "dense"), None)
     tasks = list(record["runs"][0]["zeroshot"])
+    n = record["runs"][0].get("zeroshot_n") or {}
+    heads = [f"{t} (n={n[t]})" if t in n else t for t in tasks]
     lines = [f"# Methods benchmark ({record['started']})", "", f"Command: `{record['command']}`", "",
              f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, torch "
              f"{record['machine']['torch']}. Calibration: C4, {a['nsamples']} x {a['seqlen']}, seed 0 (same windows "
              f"for every row). Perplexity: first {a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']}. "
              f"Zero-shot: first {a['zeroshot_limit'] or 'all'} examples of each task, 0-shot, acc. "
              f"± is the 95% interval (perplexity: bootstrap over windows; accuracy: 1.96 x lm-eval's stderr).", "",
-             "| method | sparsity | WikiText-2 ppl | x dense | 7-task mean | " + " | ".join(tasks)
+             "| method | sparsity | WikiText-2 ppl | x dense | 7-task mean | " + " | ".join(heads)
              + " | prune s | eval s |",
              "|---" * (7 + len(tasks)) + "|"]
     for r in record["runs"]:
@@ -134,6 +173,7 @@ def render(record: dict, path: Path) -> None:
                      f"{_pm(r['zeroshot_mean'], r.get('zeroshot_mean_stderr'), 3)} | "
                      + " | ".join(_pm(r["zeroshot"][t], se.get(t), 2) for t in tasks)
                      + f" | {s.get('prune', 0) + s.get('quantize', 0):.0f} | {_eval_seconds(s):.0f} |")
+    lines += paired_lines(record, "dense") + paired_lines(record, "wanda 50%")
     if missing:
         lines += ["", f"Not finished in this run: {', '.join(missing)}."]
     path.write_text("\n".join(lines) + "\n")

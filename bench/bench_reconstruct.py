@@ -147,8 +147,25 @@ def render(record: dict, path: Path) -> None:
                   "| method | " + " | ".join(tasks) + " |", "|---" * (1 + len(tasks)) + "|"]
         lines += [f"| {r['method']} | " + " | ".join(f"{r['zeroshot'][t]['acc']:.3f} ± {r['zeroshot'][t]['ci95']:.3f}"
                                                   for t in tasks) + " |" for r in zs]
+    done = {r["method"] for r in runs}
+    missing = [label for label, _, _ in rows(ro_options(argparse.Namespace(**a))) if label not in done]
+    if missing:
+        lines += ["", f"Not run in this record: {', '.join(missing)}."]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def append_to(path: Path, record: dict) -> dict:
+    """The saved record at ``path``, with this invocation's command added; refused when the
+    settings that decide the numbers differ."""
+    old = json.loads(path.read_text())
+    keep = ("rows", "append", "tag", "render_only")
+    a = {k: v for k, v in old["settings"].items() if k not in keep}
+    b = {k: v for k, v in record["settings"].items() if k not in keep}
+    if a != b:
+        sys.exit(f"--append: {path} was measured with other settings: {a} != {b}")
+    old["command"] = f"{old['command']}; then {record['command']}"
+    return old
 
 
 def main() -> None:
@@ -170,12 +187,17 @@ def main() -> None:
     p.add_argument("--synthetic-scale", type=int, default=1, help="divide the synthetic model's widths (smoke)")
     p.add_argument("--rows", nargs="*", help="labels to run (default: all)")
     p.add_argument("--tag", default="reconstruct")
+    p.add_argument("--append", action="store_true", help="add rows to the saved record of the same settings")
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md from the saved .json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this row, print its JSON
     args = p.parse_args()
     if args.one:
         print("ROW " + json.dumps(run_one(args, args.one)), flush=True)
         return
     out_dir = Path(__file__).parent / "results"
+    if args.render_only:
+        render(json.loads((out_dir / f"{args.tag}.json").read_text()), out_dir / f"{args.tag}.md")
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "one"}
     child_args = sys.argv[1:]
@@ -187,9 +209,13 @@ def main() -> None:
         child_args = [*child_args, "--model", synthetic_model(args, folder)]
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": settings, "runs": []}
-    for label, _, _ in rows(ro_options(args)):
-        if args.rows and label not in args.rows:
-            continue
+    if args.append:  # continue a record: same settings, so the rows stay comparable
+        record = append_to(out_dir / f"{args.tag}.json", record)
+    known = [label for label, _, _ in rows(ro_options(args))]
+    unknown = sorted(set(args.rows or []) - set(known))
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {known}")
+    for label in args.rows or known:  # in the order given, so the rows that matter most run first
         done = subprocess.run([sys.executable, __file__, *child_args, "--one", label], capture_output=True, text=True)
         found = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
         if done.returncode or not found:
