@@ -151,7 +151,7 @@ def test_sweep_points_run_in_parallel_on_a_work_pool(tmp_path, tiny_dir, prefect
     # the point without a model fails; the other three still finish, and the command says so
     assert proc.returncode == 5, err[-3000:]
     assert re.search(r"missing .*failed.*does not", out.replace("\n", " ")), out
-    assert "1 of 4 point(s) did not finish: missing" in err
+    assert "1 of 4 point(s) did not finish: missing" in err, out + err[-6000:]
     # two workers started by the sweep itself (a worker's fork can briefly show the same command line)
     workers = [pid for pid, (_, cmd, ppid) in tree.seen.items() if "worker start" in cmd and ppid == proc.pid]
     assert len(workers) == 2, tree.seen

@@ -2,12 +2,15 @@
 
 Tasks that take a model never cache (``NO_CACHE``: Prefect would pickle the model to hash it).
 Only a stage given a content ``cache_key`` (calibration: settings + weights fingerprint +
-tokenizer files + data file digest) is cached, so a changed input is never served stale.
+tokenizer files + data file digest) is cached, so a changed input is never served stale; its
+cache record is written and read under a process lock (:mod:`.cache_lock`), so concurrent
+points never read a half-written one.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -15,6 +18,7 @@ from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.runtime import flow_run
 
 from wanda_pipeline.config import PipelineSpec
+from wanda_pipeline.orchestration.cache_lock import ProcessLockManager
 from wanda_pipeline.run import execute
 
 
@@ -25,11 +29,21 @@ def prefect_stage(name: str, fn, *args: Any, cache_key: str | None = None) -> An
 
     before_stage(name, args)
     if cache_key:
-        wrapped = task(fn, name=name, cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda *_: cache_key),
-                       cache_expiration=timedelta(days=30), persist_result=True)
+        wrapped = task(fn, name=name, cache_policy=cached_policy(cache_key), cache_expiration=timedelta(days=30),
+                       persist_result=True)
     else:
         wrapped = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
     return wrapped(*args)
+
+
+def cached_policy(cache_key: str) -> CacheKeyFnPolicy:
+    """Cache under ``cache_key``, serialised across processes sharing the result storage: one
+    computes and writes, the others wait and read the finished record (never a half-written one)."""
+    from prefect.settings import get_current_settings
+
+    locks = Path(get_current_settings().results.local_storage_path) / ".wanda-locks"
+    return CacheKeyFnPolicy(cache_key_fn=lambda *_: cache_key).configure(
+        isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(locks))
 
 
 def _tracker(spec: PipelineSpec, tracking: bool):
