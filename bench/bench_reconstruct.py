@@ -33,14 +33,16 @@ from bench_core import machine  # noqa: E402
 PATTERNS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}, "4:8": {"pattern": "4:8"}}
 
 
-def rows(ro: dict) -> list[tuple[str, dict, dict | None]]:
-    """(label, pruner spec, reconstruct spec) for every configuration."""
+def rows(ro: dict, alpha: float | None = None) -> list[tuple[str, dict, dict | None]]:
+    """(label, pruner spec, reconstruct spec) for every configuration; options left out of ``ro``
+    (and ``alpha``) take the plugins' defaults."""
     out: list[tuple[str, dict, dict | None]] = [("dense", {"name": "magnitude", "sparsity": 0.0}, None)]
+    score = {} if alpha is None else {"alpha": alpha}
     for p, opts in PATTERNS.items():
         out += [(f"wanda {p}", {"name": "wanda", **opts}, None),
                 (f"sparsegpt {p}", {"name": "sparsegpt", **opts}, None),
-                (f"wanda++ score only {p}", {"name": "wanda++", **opts, "ro": {**ro, "iterations": 0}}, None),
-                (f"wanda++ {p}", {"name": "wanda++", **opts, "ro": ro}, None),
+                (f"wanda++ score only {p}", {"name": "wanda++", **opts, **score, "ro": {**ro, "iterations": 0}}, None),
+                (f"wanda++ {p}", {"name": "wanda++", **opts, **score, "ro": ro}, None),
                 (f"wanda + reconstruct {p}", {"name": "wanda", **opts}, ro)]
     return out
 
@@ -52,7 +54,7 @@ def run_one(args, label: str) -> dict:
     from wanda_pipeline.config import PipelineSpec
     from wanda_pipeline.run import execute
 
-    _, pruner, reconstruct = next(r for r in rows(ro_options(args)) if r[0] == label)
+    _, pruner, reconstruct = next(r for r in rows(ro_options(args), args.alpha) if r[0] == label)
     evaluators = [{"name": "perplexity", "seqlen": args.eval_seqlen, "windows": args.eval_windows,
                    "device": args.device}, {"name": "sparsity"}]
     if args.synthetic_7b:
@@ -106,7 +108,19 @@ def synthetic_model(args, folder: Path) -> str:
 
 
 def ro_options(args) -> dict:
-    return {"iterations": args.ro_iterations, "samples": args.ro_samples, "lr": args.ro_lr}
+    """The regional-optimisation options given on the command line (the rest: the defaults)."""
+    given = {"iterations": getattr(args, "ro_iterations", None), "samples": getattr(args, "ro_samples", None),
+             "lr": getattr(args, "ro_lr", None), "optimizer": getattr(args, "ro_optimizer", None)}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def ro_described(a: dict) -> str:
+    from wanda_pipeline.pruners.wandapp import WandaPPConfig
+    from wanda_pipeline.regional.config import ReconstructConfig
+
+    ro = ReconstructConfig(**ro_options(argparse.Namespace(**a))).model_dump()
+    alpha = a.get("alpha") if a.get("alpha") is not None else WandaPPConfig().alpha
+    return f"{json.dumps(ro)}; Wanda++ alpha {alpha:g}"
 
 
 def render(record: dict, path: Path) -> None:
@@ -120,7 +134,7 @@ def render(record: dict, path: Path) -> None:
              f"{a['nsamples']} x {a['seqlen']}, seed 0, the same windows for every row. Perplexity: first "
              f"{a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']} [95% interval, bootstrap over "
              f"windows]. Regional optimisation: "
-             f"{json.dumps(ro_options(argparse.Namespace(**a)))}. Each row in its own process.", "",
+             f"{ro_described(a)}. Each row in its own process.", "",
              "| method | sparsity | WikiText-2 ppl | x dense | vs Wanda | zero-shot mean | prune s | x Wanda time "
              "| prune s per block | peak RSS GiB | peak device GiB |", "|---" * 11 + "|"]
     def ci(r: dict) -> str:
@@ -148,7 +162,7 @@ def render(record: dict, path: Path) -> None:
         lines += [f"| {r['method']} | " + " | ".join(f"{r['zeroshot'][t]['acc']:.3f} ± {r['zeroshot'][t]['ci95']:.3f}"
                                                   for t in tasks) + " |" for r in zs]
     done = {r["method"] for r in runs}
-    missing = [label for label, _, _ in rows(ro_options(argparse.Namespace(**a))) if label not in done]
+    missing = [label for label, _, _ in rows(ro_options(argparse.Namespace(**a)), a.get('alpha')) if label not in done]
     if missing:
         lines += ["", f"Not run in this record: {', '.join(missing)}."]
     path.write_text("\n".join(lines) + "\n")
@@ -180,9 +194,11 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--zeroshot-limit", type=int, default=200)
     p.add_argument("--no-zeroshot", action="store_true")
-    p.add_argument("--ro-iterations", type=int, default=5)
-    p.add_argument("--ro-samples", type=int, default=32)
-    p.add_argument("--ro-lr", type=float, default=3e-7)
+    p.add_argument("--ro-iterations", type=int, help="default: the ReconstructConfig default")
+    p.add_argument("--ro-samples", type=int, help="default: the ReconstructConfig default")
+    p.add_argument("--ro-lr", type=float, help="default: the ReconstructConfig default")
+    p.add_argument("--ro-optimizer", choices=["rmsprop", "adam", "sgd"], help="default: the ReconstructConfig default")
+    p.add_argument("--alpha", type=float, help="Wanda++'s alpha (default: the plugin's)")
     p.add_argument("--synthetic-7b", type=int, metavar="LAYERS", help="a random LLaMA-7B-shaped model instead")
     p.add_argument("--synthetic-scale", type=int, default=1, help="divide the synthetic model's widths (smoke)")
     p.add_argument("--rows", nargs="*", help="labels to run (default: all)")
@@ -211,7 +227,7 @@ def main() -> None:
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": settings, "runs": []}
     if args.append:  # continue a record: same settings, so the rows stay comparable
         record = append_to(out_dir / f"{args.tag}.json", record)
-    known = [label for label, _, _ in rows(ro_options(args))]
+    known = [label for label, _, _ in rows(ro_options(args), args.alpha)]
     unknown = sorted(set(args.rows or []) - set(known))
     if unknown:
         p.error(f"unknown rows {unknown}; known: {known}")

@@ -75,6 +75,31 @@ def test_regional_gradient_equals_autograd_by_hand(batch, aggregation):
     assert all(p.grad is None for p in block.parameters())
 
 
+@pytest.mark.parametrize("batch, limit", [(1, 3), (2, 3), (4, 1), (2, 9)])
+def test_regional_gradient_from_the_first_samples_only(batch, limit):
+    """``gradient_samples``: G from the first ``limit`` samples, also when the limit cuts a batch."""
+    torch.manual_seed(0)
+    block = MLPBlock()
+    samples = [torch.randn(1, 5, 6) for _ in range(4)]
+    scale = torch.tensor(0.7)
+    inputs = [torch.cat(samples[i:i + batch]) for i in range(0, 4, batch)]
+    ctx = BlockContext(0, block, find_linears(block), {}, inputs, [((), {"scale": scale})] * len(inputs), [],
+                       torch.device("cpu"), torch.device("cpu"), LayerEngine(progress=False).call)
+    got = regional_gradients(ctx, "rms", limit)
+    want = by_hand(block, samples[:limit], scale)
+    for name in ("up", "down"):
+        torch.testing.assert_close(got[name], want[name][0], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_samples_reaches_the_regional_gradient(monkeypatch):
+    seen = []
+    monkeypatch.setattr("wanda_pipeline.pruners.wandapp.regional_gradients",
+                        lambda ctx, aggregation, limit: seen.append((aggregation, limit)) or {})
+    WandaPPPruner(WandaPPConfig(gradient_samples=8)).block_stats(None)
+    WandaPPPruner(WandaPPConfig()).block_stats(None)
+    assert seen == [("rms", 8), ("rms", None)]
+
+
 def test_score_only_with_alpha_zero_is_wanda():
     tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     a, b = tiny_model("llama", seed=1, layers=2), tiny_model("llama", seed=1, layers=2)

@@ -32,6 +32,9 @@ class WandaPPConfig(PrunerConfig):
     gradient: Literal["rms", "mean_abs"] = Field(
         "rms", description="how |dL/dW| is aggregated over samples: root mean square (as ||X||_2 is, and as the "
                            "public reproduction) or mean absolute value")
+    gradient_samples: int | None = Field(
+        None, gt=0, description="calibration samples the regional gradient is computed from (the first ones; "
+                                "None: all). Each costs a forward and backward of the block")
     ro: ReconstructConfig = Field(default_factory=ReconstructConfig,
                                   description="regional optimisation; iterations 0: score only")
 
@@ -62,7 +65,7 @@ class WandaPPPruner:
 
     def block_stats(self, ctx: BlockContext) -> dict[str, dict[str, torch.Tensor]]:
         """The regional gradient of every linear, from the dense block."""
-        grads = regional_gradients(ctx, self.config.gradient)
+        grads = regional_gradients(ctx, self.config.gradient, self.config.gradient_samples)
         return {name: {"regional_grad": g} for name, g in grads.items()}
 
     def prune(self, weight: torch.Tensor, stats: Mapping[str, torch.Tensor], sparsity: float) -> torch.Tensor:

@@ -23,9 +23,11 @@ def as_weight_view(linear: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.t() if type(linear).__name__ == "Conv1D" else tensor
 
 
-def regional_gradients(ctx: BlockContext, aggregation: Literal["rms", "mean_abs"] = "rms") -> dict[str, torch.Tensor]:
+def regional_gradients(ctx: BlockContext, aggregation: Literal["rms", "mean_abs"] = "rms",
+                       limit: int | None = None) -> dict[str, torch.Tensor]:
     """G per linear of ``ctx.linears``, float32, (out_features, in_features), on the device,
-    computed on the block as it is now (the engine calls it on the dense block)."""
+    computed on the block as it is now (the engine calls it on the dense block), from the first
+    ``limit`` calibration samples (None: all of them)."""
     names = list(ctx.linears)
     if not names:  # include/exclude left nothing in this block
         return {}
@@ -34,10 +36,13 @@ def regional_gradients(ctx: BlockContext, aggregation: Literal["rms", "mean_abs"
     samples = 0
     with ctx.trainable(params):
         for b in range(ctx.batches):
+            if limit is not None and samples >= limit:
+                break
             out = ctx.forward(b, grad=True)
-            for s in range(out.shape[0]):
+            take = out.shape[0] if limit is None else min(out.shape[0], limit - samples)
+            for s in range(take):
                 loss = out[s].float().norm()
-                grads = torch.autograd.grad(loss, params, retain_graph=s < out.shape[0] - 1, allow_unused=True)
+                grads = torch.autograd.grad(loss, params, retain_graph=s < take - 1, allow_unused=True)
                 for a, g in zip(acc, grads, strict=True):
                     if g is not None:  # a linear the forward never used has no gradient
                         g = g.float()
