@@ -95,8 +95,8 @@ def test_gradient_samples_reaches_the_regional_gradient(monkeypatch):
     seen = []
     monkeypatch.setattr("wanda_pipeline.pruners.wandapp.regional_gradients",
                         lambda ctx, aggregation, limit: seen.append((aggregation, limit)) or {})
-    WandaPPPruner(WandaPPConfig(gradient_samples=8)).block_stats(None)
-    WandaPPPruner(WandaPPConfig()).block_stats(None)
+    WandaPPPruner(WandaPPConfig(gradient_samples=8, alpha=1)).block_stats(None)
+    WandaPPPruner(WandaPPConfig(gradient_samples=None)).block_stats(None)
     assert seen == [("rms", 8), ("rms", None)]
 
 

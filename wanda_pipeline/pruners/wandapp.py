@@ -33,8 +33,9 @@ class WandaPPConfig(PrunerConfig):
         "rms", description="how |dL/dW| is aggregated over samples: root mean square (as ||X||_2 is, and as the "
                            "public reproduction) or mean absolute value")
     gradient_samples: int | None = Field(
-        None, gt=0, description="calibration samples the regional gradient is computed from (the first ones; "
-                                "None: all). Each costs a forward and backward of the block")
+        8, gt=0, description="calibration samples the regional gradient is computed from (the first ones; "
+                             "None: all, as the paper). Each costs a block forward and backward; 8 keeps Wanda++ "
+                             "within 3x Wanda's prune time on 2 CPU cores (bench/results/reconstruct.md)")
     ro: ReconstructConfig = Field(default_factory=ReconstructConfig,
                                   description="regional optimisation; iterations 0: score only")
 
