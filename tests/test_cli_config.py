@@ -16,6 +16,7 @@ from wanda_pipeline.cli import main
 from wanda_pipeline.config import apply_overrides, load_file, parse_document
 from wanda_pipeline.errors import ConfigError, PluginError
 from wanda_pipeline.plugins import discover
+from wanda_pipeline.regional.config import ReconstructConfig
 
 GOOD = """
 pipelines:
@@ -104,7 +105,10 @@ def test_missing_file_and_run_of_unknown_pipeline(tmp_path):
 
 def test_shipped_pipelines_file_is_valid_and_listed():
     doc = load_file("pipelines.yaml", discover())
-    assert {"smollm2-wanda", "smollm2-wanda-2-4", "smollm2-magnitude", "llama2-7b-wanda"} <= set(doc.pipelines)
+    assert {"smollm2-wanda", "smollm2-wanda-2-4", "smollm2-magnitude", "llama2-7b-wanda",
+            "smollm2-wanda-2-4-reconstruct", "smollm2-wandapp-2-4"} <= set(doc.pipelines)
+    assert doc.pipelines["smollm2-wanda-2-4-reconstruct"].reconstruct == ReconstructConfig()
+    assert doc.pipelines["smollm2-wandapp-2-4"].pruner.name == "wanda++"
     llama = doc.pipelines["llama2-7b-wanda"]
     assert llama.calibration.nsamples == 128 and llama.calibration.seqlen == 2048
     proc = cli("list")
