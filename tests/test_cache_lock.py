@@ -93,3 +93,19 @@ def test_concurrent_points_compute_a_cached_stage_once_and_both_read_it(prefect_
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert [o[0].split()[-2:] for o in outs] == [["200000", "199999"]] * 2
     assert calls.read_text().split() == ["computed"], "the second point computed the stage again instead of waiting"
+
+
+def test_the_async_calls_wait_for_another_process_too(tmp_path):
+    import asyncio
+
+    m = ProcessLockManager(tmp_path)
+    child = hold_in_child(tmp_path)
+    try:
+        assert asyncio.run(m.await_for_lock("calibrate-key", timeout=0.3)) is False
+        assert asyncio.run(m.aacquire_lock("calibrate-key", "me", acquire_timeout=0.3)) is False
+    finally:
+        child.kill()
+        child.wait(10)
+    assert asyncio.run(m.aacquire_lock("calibrate-key", "me", acquire_timeout=5)) is True
+    assert m.is_lock_holder("calibrate-key", "me")
+    m.release_lock("calibrate-key", "me")
