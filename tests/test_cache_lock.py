@@ -21,6 +21,12 @@ print("held", flush=True)
 time.sleep(120)
 """
 
+TRY = """
+import sys
+from wanda_pipeline.orchestration.cache_lock import ProcessLockManager
+print(ProcessLockManager(sys.argv[1]).acquire_lock("calibrate-key", "probe", acquire_timeout=2))
+"""
+
 
 def hold_in_child(directory):
     child = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], stdout=subprocess.PIPE, text=True)
@@ -109,3 +115,26 @@ def test_the_async_calls_wait_for_another_process_too(tmp_path):
     assert asyncio.run(m.aacquire_lock("calibrate-key", "me", acquire_timeout=5)) is True
     assert m.is_lock_holder("calibrate-key", "me")
     m.release_lock("calibrate-key", "me")
+
+
+def test_a_lock_taken_in_one_thread_is_released_from_another(tmp_path):
+    """Prefect's async engine takes the lock in a worker thread and may release it elsewhere."""
+    import threading
+
+    m, taken, done = ProcessLockManager(tmp_path), threading.Event(), threading.Event()
+
+    def take():  # the thread stays alive, as an event loop's worker thread does
+        m.acquire_lock("calibrate-key", "me")
+        taken.set()
+        done.wait(30)
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    try:
+        assert taken.wait(10) and m.is_lock_holder("calibrate-key", "me")
+        m.release_lock("calibrate-key", "me")
+        probe = subprocess.run([sys.executable, "-c", TRY, str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert probe.stdout.strip() == "True", probe.stderr[-2000:]
+    finally:
+        done.set()
+        taker.join(10)

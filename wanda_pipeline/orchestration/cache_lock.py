@@ -34,7 +34,8 @@ class ProcessLockManager:
     def _lock(self, key: str) -> FileLock:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(key.encode()).hexdigest()[:32]  # keys may hold path separators
-        return FileLock(self.directory / f"{name}.lock", is_singleton=False)
+        # not thread-local: Prefect's async engine may take the lock in one thread and release it in another
+        return FileLock(self.directory / f"{name}.lock", thread_local=False, is_singleton=False)
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
