@@ -76,18 +76,12 @@ def test_the_default_reconstruction_lowers_block_error(arch, tokens_gen, monkeyp
     model = build(arch, seed=1)
     seen = []
     real = regional_visitor.optimise
-
-    def measured(ctx, masks, config):
-        before = _error(ctx)
-        steps = real(ctx, masks, config)
-        seen.append((ctx.index, before, _error(ctx), steps))
-        return steps
-
-    monkeypatch.setattr(regional_visitor, "optimise", measured)
+    monkeypatch.setattr(regional_visitor, "optimise", lambda ctx, masks, config: seen.append(
+        (ctx.index, _error(ctx), real(ctx, masks, config), _error(ctx))) or seen[-1][2])
     prune_model(model, tokens_gen(128, SAMPLES, SEQLEN, seed=1), WandaPruner(WandaConfig(sparsity=0.5)),
                 LayerEngine(progress=False), reconstruct=ReconstructConfig())
     assert len(seen) == len(find_blocks(model)[1])
-    for index, before, after, steps in seen:
+    for index, before, steps, after in seen:
         assert steps == SAMPLES  # every calibration sample once (fewer than the default 32 here)
         assert after < before, f"{arch} block {index}: error {before:.4g} -> {after:.4g}"
 

@@ -55,9 +55,8 @@ def by_hand(block: MLPBlock, samples: list[torch.Tensor], scale: torch.Tensor) -
     return {name: (torch.stack(g).pow(2).mean(0).sqrt(), torch.stack(g).abs().mean(0)) for name, g in grads.items()}
 
 
-@pytest.mark.parametrize("batch", [1, 2, 4])
-@pytest.mark.parametrize("aggregation", ["rms", "mean_abs"])
-def test_regional_gradient_equals_autograd_by_hand(batch, aggregation):
+def mlp_context(batch: int) -> tuple[BlockContext, list[torch.Tensor], torch.Tensor]:
+    """A hand-built block over 4 samples in batches of ``batch``: (context, samples, scale)."""
     torch.manual_seed(0)
     block = MLPBlock()
     samples = [torch.randn(1, 5, 6) for _ in range(4)]
@@ -66,6 +65,14 @@ def test_regional_gradient_equals_autograd_by_hand(batch, aggregation):
     calls = [((), {"scale": scale})] * len(inputs)
     ctx = BlockContext(0, block, find_linears(block), {}, inputs, calls, [], torch.device("cpu"),
                        torch.device("cpu"), LayerEngine(progress=False).call)
+    return ctx, samples, scale
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("aggregation", ["rms", "mean_abs"])
+def test_regional_gradient_equals_autograd_by_hand(batch, aggregation):
+    ctx, samples, scale = mlp_context(batch)
+    block = ctx.block
     got = regional_gradients(ctx, aggregation)
     want = by_hand(block, samples, scale)
     pick = 0 if aggregation == "rms" else 1
@@ -78,15 +85,9 @@ def test_regional_gradient_equals_autograd_by_hand(batch, aggregation):
 @pytest.mark.parametrize("batch, limit", [(1, 3), (2, 3), (4, 1), (2, 9)])
 def test_regional_gradient_from_the_first_samples_only(batch, limit):
     """``gradient_samples``: G from the first ``limit`` samples, also when the limit cuts a batch."""
-    torch.manual_seed(0)
-    block = MLPBlock()
-    samples = [torch.randn(1, 5, 6) for _ in range(4)]
-    scale = torch.tensor(0.7)
-    inputs = [torch.cat(samples[i:i + batch]) for i in range(0, 4, batch)]
-    ctx = BlockContext(0, block, find_linears(block), {}, inputs, [((), {"scale": scale})] * len(inputs), [],
-                       torch.device("cpu"), torch.device("cpu"), LayerEngine(progress=False).call)
+    ctx, samples, scale = mlp_context(batch)
     got = regional_gradients(ctx, "rms", limit)
-    want = by_hand(block, samples[:limit], scale)
+    want = by_hand(ctx.block, samples[:limit], scale)
     for name in ("up", "down"):
         torch.testing.assert_close(got[name], want[name][0], rtol=1e-5, atol=1e-7)
 
