@@ -52,10 +52,12 @@ test-fast: setup
 # Mutation testing of the core with mutmut 3 on the fast tests ([tool.mutmut] in pyproject.toml).
 # mutmut copies wanda_pipeline/ into mutants/ and puts that copy first on sys.path, ahead of the
 # editable install. MUTMUT_CHILDREN bounds parallelism; torch threads are pinned to 1 per child.
+# MUTANTS narrows the run to mutant-name globs, e.g. MUTANTS='wanda_pipeline.stages.*'.
 MUTMUT_CHILDREN ?= 2
+MUTANTS ?=
 mutants: setup
 	rm -rf mutants
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN) > mutants.log 2>&1 \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN) $(MUTANTS) > mutants.log 2>&1 \
 		|| (tail -n 40 mutants.log; exit 1)
 	@$(BIN)/python bench/mutation_score.py --by-module
 

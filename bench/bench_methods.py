@@ -1,6 +1,7 @@
 """Methods benchmark (issue 5's table): SmolLM2-135M, the same calibration and evaluation for
 every row. Dense, magnitude, Wanda and SparseGPT at 50% unstructured, 2:4 and 4:8; Wanda and
-OWL+Wanda at 60% and 70%; Wanda 50% with int8 and int4 RTN.
+OWL+Wanda at 60% and 70%; Wanda 50% with int8 and int4 RTN; the block-level pruners (issue 25):
+Wanda++ and Wanda + regional reconstruction, with their default options.
 
 On CPU the evaluation is a fixed slice: the first K WikiText-2 windows of 2048 tokens and
 the first N examples of each zero-shot task (0: all of them). Both are recorded with the results,
@@ -8,6 +9,8 @@ and every number with its interval (docs/evaluation.md): perplexity with its 95%
 interval over windows, accuracies with lm-eval's standard error.
 
     python bench/bench_methods.py --eval-windows 32 --zeroshot-limit 500
+    python bench/bench_methods.py --tag methods-blocklevel --zeroshot-limit 200 --paired-against "sparsegpt 2:4" \
+        "wanda 2:4" --rows "wanda 2:4" "sparsegpt 2:4" "wanda++ 2:4" "wanda + reconstruct 2:4"
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ ROWS = [
     ("wanda 50% + int8", {"name": "wanda", "sparsity": 0.5}, None, {"name": "rtn", "bits": 8}),
     ("wanda 50% + int4", {"name": "wanda", "sparsity": 0.5}, None, {"name": "rtn", "bits": 4}),
     ("wanda 50% (self calibration)", {"name": "wanda", "sparsity": 0.5}, None, None),
+    *[row for p, opts in (("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"}))
+      for row in ((f"wanda++ {p}", {"name": "wanda++", **opts}, None, None),
+                  (f"wanda + reconstruct {p}", {"name": "wanda", **opts}, None, None))],
 ]
+RECONSTRUCT = {label for label, *_ in ROWS if "+ reconstruct" in label}  # the default ReconstructConfig
 SELF_CALIBRATION = {"wanda 50% (self calibration)"}
 
 
@@ -55,6 +62,8 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--zeroshot-limit", type=int, default=500, help="examples per task; 0: every example")
     p.add_argument("--rows", nargs="*", help="labels to run (default: all)")
+    p.add_argument("--paired-against", nargs="*", default=["dense", "wanda 50%"],
+                   help="rows every other row is compared with, example by example")
     p.add_argument("--tag", default="methods")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the saved .json")
     args = p.parse_args()
@@ -73,7 +82,8 @@ def main() -> None:
         spec = PipelineSpec(
             model={"source": "smollm2-135m"}, pruner=pruner or {"name": "magnitude", "sparsity": 0.0},
             calibration={"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-            allocation=allocation or {}, quantizer=quantizer, dense_baseline=False, register={"enabled": False},
+            allocation=allocation or {}, quantizer=quantizer, reconstruct={} if label in RECONSTRUCT else None,
+            dense_baseline=False, register={"enabled": False},
             evaluators=[{"name": "perplexity", "seqlen": args.eval_seqlen, "windows": args.eval_windows},
                         {"name": "zeroshot", "limit": args.zeroshot_limit or None, "batch_size": 8},
                         {"name": "sparsity"}])
@@ -173,7 +183,8 @@ def render(record: dict, path: Path) -> None:
                      f"{_pm(r['zeroshot_mean'], r.get('zeroshot_mean_stderr'), 3)} | "
                      + " | ".join(_pm(r["zeroshot"][t], se.get(t), 2) for t in tasks)
                      + f" | {s.get('prune', 0) + s.get('quantize', 0):.0f} | {_eval_seconds(s):.0f} |")
-    lines += paired_lines(record, "dense") + paired_lines(record, "wanda 50%")
+    for reference in a.get("paired_against") or ["dense", "wanda 50%"]:  # older records: the fixed two
+        lines += paired_lines(record, reference)
     if missing:
         lines += ["", f"Not finished in this run: {', '.join(missing)}."]
     path.write_text("\n".join(lines) + "\n")
