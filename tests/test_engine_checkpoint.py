@@ -11,7 +11,7 @@ import torch
 
 from wanda_pipeline.engine.checkpoint import Checkpoint, pack_bits, unpack_bits
 from wanda_pipeline.engine.sink import atomic_save
-from wanda_pipeline.errors import ConfigError
+from wanda_pipeline.errors import ConfigError, DataError
 
 FP = {"model": "abc", "pruner": {"sparsity": 0.5}, "batch": 2}
 
@@ -101,6 +101,18 @@ def test_a_manifest_without_fingerprint_is_refused_as_another_runs(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "n_blocks": 3, "finished": 1}))
     with pytest.raises(ConfigError, match=r"belongs to another run \(differs in: batch, model, pruner\)"):
         Checkpoint(tmp_path, FP).start(3)
+
+
+@pytest.mark.parametrize("manifest", [[1, 2], {"n_blocks": "3", "finished": 1, "fingerprint": {}},
+                                      {"n_blocks": 3, "fingerprint": {}},
+                                      {"n_blocks": 3, "finished": 1, "fingerprint": 7}])
+def test_a_manifest_of_the_wrong_shape_is_refused_saying_what_it_needs(tmp_path, manifest):
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as err:
+        Checkpoint(tmp_path, FP).start(3)
+    assert str(err.value) == (f"checkpoint {tmp_path / 'manifest.json'} is corrupt: not a checkpoint manifest "
+                              "(needs the integers n_blocks and finished, and a fingerprint); pass --no_resume "
+                              f"(engine.resume: false) to start fresh there, or remove {tmp_path}")
 
 
 def test_no_resume_starts_over_in_the_same_folder(tmp_path):

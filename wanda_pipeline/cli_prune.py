@@ -106,14 +106,16 @@ def _quantizer(args) -> dict | None:
     import yaml
 
     options = {k: getattr(args, k) for k in ("bits", "group_size") if getattr(args, k, None) is not None}
+    given = [f"--{k}" for k in options]  # the flags as the user typed them, for the message below
     for item in args.quantizer_option or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--quantizer_option {item!r}: expected KEY=VALUE, e.g. symmetric=false")
         options[key.strip()] = yaml.safe_load(value)
+        given.append(f"--quantizer_option {key.strip()}")
     if args.quantizer is None:
         if options:
-            raise ConfigError(f"--{'/--'.join(options)} set without --quantizer; add e.g. --quantizer rtn")
+            raise ConfigError(f"{', '.join(given)} set without --quantizer; add e.g. --quantizer rtn")
         if args.save_model and args.save_format == "compressed-tensors":
             # A dense compressed-tensors folder is no smaller and no faster than hf: refuse rather than
             # hand a user who asked for the vLLM format a folder that is not quantized.
