@@ -11,6 +11,7 @@ like the real one (a fault makes it write nothing and return False).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -227,6 +228,9 @@ class RecordingTracker(FakeTracker):
     def log_model(self, folder, metadata: dict[str, Any]) -> str:
         self.model_files = sorted(p.name for p in Path(folder).iterdir())
         self.logged["model_metadata"].append(metadata)
+        for name in ("wanda_provenance.json", "config.json"):  # what a served version would carry
+            if (Path(folder) / name).is_file():
+                self.logged[name].append(json.loads((Path(folder) / name).read_text()))
         return "models:/m-under-test"
 
     def __getattr__(self, name: str):  # log_params, log_metrics, set_tags, log_dict, log_table, log_figure

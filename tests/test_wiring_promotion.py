@@ -229,7 +229,7 @@ def test_log_model_writes_the_folder_logs_its_sizes_and_returns_the_uri():
 
     model = torch.nn.Linear(4, 3)  # 15 float32 parameters: 60 bytes
     loaded = SimpleNamespace(model=model)
-    uri = promotion.log_model(Tracker(), loaded, {}, "hf", "pipe", 0.5,
+    uri = promotion.log_model(Tracker(), loaded, "hf", "pipe", 0.5,
                               lambda out: (out.mkdir(), (out / "w.bin").write_bytes(b"x" * 30)))
     assert uri == URI and logged["files"] == ["w.bin"]
     assert logged["metrics"] == {"model_stored_bytes": 30, "model_dense_bytes": 60, "model_stored_ratio": 0.5}

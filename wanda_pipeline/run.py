@@ -205,7 +205,7 @@ def _register(tracker, spec: PipelineSpec, pipeline: str, loaded, result: RunRes
 
     reg = spec.registration
     fmt = reg.folder_format
-    result.model_uri = log_model(tracker, loaded, provenance, fmt, pipeline, result.metrics.get("sparsity_total"),
+    result.model_uri = log_model(tracker, loaded, fmt, pipeline, result.metrics.get("sparsity_total"),
                                  lambda out: stages.export_model(loaded, out, fmt, provenance, spec, quantizer))
     if not reg.enabled:
         return

@@ -48,8 +48,7 @@ def decide(gates: list[GateResult], registry_error: str | None = None) -> Decisi
     return Decision(True, "passed all gates")
 
 
-def log_model(tracker, loaded, provenance: dict, fmt: str, pipeline: str, sparsity: float | None,
-              write: Callable[[Path], Any]) -> str:
+def log_model(tracker, loaded, fmt: str, pipeline: str, sparsity: float | None, write: Callable[[Path], Any]) -> str:
     """Write the model with ``write(folder)`` into a temp folder and log it to the run (the folder
     is the MLflow model's root, so a registered version is directly servable); returns the URI."""
     from wanda_pipeline.saving import folder_bytes
