@@ -77,3 +77,42 @@ def test_the_registered_folder_is_written_with_the_runs_provenance_and_quantizer
     [config] = tracker.logged["config.json"]
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 8
     assert [name for name, _ in tracker.logged["run"]] == ["p"]
+
+
+def test_the_promotion_policy_gets_the_runs_name_dense_baseline_target_and_examples(tiny_dir, text, monkeypatch):
+    import torch
+    import transformers
+
+    from tests.fake_registry import FakeClient, RecordingTracker
+    from wanda_pipeline import __version__
+
+    seen = {}
+
+    def policy(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        return SimpleNamespace(as_dict=lambda: {"decided": "here"})
+
+    monkeypatch.setattr("wanda_pipeline.tracking.promotion.register_and_promote", policy)
+    doc = document(tiny_dir, text)
+    ppl = {"name": "perplexity", "path": str(text), "seqlen": 16, "windows": 2}
+    doc["pipelines"]["p"].update(pruner={"name": "wanda", "pattern": "2:4"}, dense_baseline=True,
+                                 evaluators=[ppl, {"name": "sparsity"}], register={"gates": {}})
+    spec = parse_document(yaml.safe_load(json.dumps(doc)), discover()).pipelines["p"]
+    tracker = RecordingTracker(FakeClient())
+    result = run.execute(spec, pipeline="p", tracker=tracker, progress=False)
+    _, reg, pipeline, uri, metrics, dense, target, tags = seen["args"]
+    assert (pipeline, uri, target, reg) == ("p", "models:/m-under-test", 0.5, spec.registration)
+    assert metrics is result.metrics and dense == result.dense and any(k.startswith("ppl_") for k in dense)
+    assert (tags["pipeline"], tags["pruner"], tags["pattern"]) == ("p", "wanda", "2:4")
+    key = next(k for k in seen["kwargs"]["examples"] if k.startswith("ppl_"))
+    assert len(seen["kwargs"]["examples"][key]["values"]) == 2  # this run's windows, for the paired gates
+    assert seen["kwargs"]["dense_examples"] == result.dense_examples and key in result.dense_examples
+    assert result.registration == {"decided": "here"} and result.tracking_uri == tracker.uri
+    assert result.params["versions"] == {"wanda_pipeline": __version__, "torch": torch.__version__,
+                                         "transformers": transformers.__version__}
+
+
+def test_a_run_without_a_name_is_called_pipeline(tiny_dir, text):
+    spec = parse_document(yaml.safe_load(json.dumps(document(tiny_dir, text))), discover()).pipelines["p"]
+    result = run.execute(spec, progress=False)
+    assert result.pipeline == "pipeline" == result.params["pipeline"] and result.tracking_uri is None

@@ -152,3 +152,30 @@ def test_a_calibrated_quantizer_reports_what_it_did_in_the_prune_stage(loaded):
     assert (report.quantized_linears, report.bits_per_weight, report.zeros_before, report.zeros_after,
             report.seconds) == (3, 4.5, 40, 41, 2.5)
     assert report.model_bytes == int(dense - 400 + 450 / 8)
+
+
+@pytest.mark.parametrize("returns, message", [
+    (ValueError("boom"), "evaluator 'e' crashed: ValueError: boom"),
+    ({"ppl": 1.0}, "evaluator 'e' returned dict, expected EvalResult"),
+])
+def test_an_evaluator_that_crashes_or_returns_the_wrong_type_is_a_plugin_error(returns, message):
+    from wanda_pipeline.errors import PluginError
+
+    class Evaluator:
+        def evaluate(self, model, tokenizer):
+            if isinstance(returns, Exception):
+                raise returns
+            return returns
+
+    with pytest.raises(PluginError) as err:
+        stages.evaluate(None, None, {"e": Evaluator()})
+    assert str(err.value) == message
+
+
+def test_peak_rss_is_the_kernels_high_water_mark_in_bytes():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = stages.peak_rss_bytes()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert before * 1024 <= peak <= after * 1024  # Linux reports KiB
