@@ -223,6 +223,7 @@ class RecordingTracker(FakeTracker):
     @contextmanager
     def run(self, name: str, tags: dict[str, str] | None = None, nested: bool = False):
         self.logged["run"].append((name, dict(tags or {})))
+        self.logged["nested"].append(nested)
         yield "run-under-test"
 
     def log_model(self, folder, metadata: dict[str, Any]) -> str:
