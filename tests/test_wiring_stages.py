@@ -179,3 +179,22 @@ def test_peak_rss_is_the_kernels_high_water_mark_in_bytes():
     peak = stages.peak_rss_bytes()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert before * 1024 <= peak <= after * 1024  # Linux reports KiB
+
+
+@pytest.mark.parametrize("exc, message", [
+    (FileExistsError("x"), "save folder {path} appeared while the run was going (another run?); nothing was "
+                           "written. Choose another folder or set save.overwrite"),
+    (OSError(28, "No space left on device"), "could not write {path}: [Errno 28] No space left on device; nothing "
+                                             "was left half-written"),
+])
+def test_a_save_that_fails_says_what_happened_to_the_folder(monkeypatch, tmp_path, exc, message):
+    from wanda_pipeline.config import SaveSpec
+    from wanda_pipeline.errors import OutputError
+
+    def export(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(stages, "export_model", export)
+    with pytest.raises(OutputError) as err:
+        stages.save(None, SaveSpec(path=str(tmp_path / "o")), {}, None)
+    assert str(err.value) == message.format(path=tmp_path / "o")
