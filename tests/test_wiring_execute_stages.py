@@ -155,3 +155,26 @@ def test_a_sweep_point_is_a_nested_run_tagged_with_its_parent(tiny_dir, text):
     assert tracker.logged["run"][-1] == ("q", {"pipeline": "q"}) and tracker.logged["nested"][-1] is False
     assert tracker.logged["log_params"][0] == (result.params,)  # what the run records is what it logged
     assert tracker.logged["log_dict"][0] == (spec.model_dump(by_alias=True), "pipeline_config.json")
+
+
+def test_reconstruction_reaches_the_engine_and_changes_only_kept_weights(tiny_dir, text):
+    plain = execute(pipeline(tiny_dir, text), pipeline="p", progress=False, run_stage=Keys())
+    rebuilt = execute(pipeline(tiny_dir, text, reconstruct={"iterations": 1}), pipeline="p", progress=False)
+    assert plain.weights_digest != rebuilt.weights_digest  # the block was optimised
+    assert rebuilt.metrics["sparsity_total"] == plain.metrics["sparsity_total"]  # and no pruned weight revived
+
+
+def test_a_streamed_run_stages_next_to_its_save_folder_or_in_the_cache_and_cleans_up(tiny_dir, text, monkeypatch,
+                                                                                   tmp_path):
+    from wanda_pipeline.settings import CACHE_DIR_ENV
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    seen = []
+    real = stages.streaming_io
+    monkeypatch.setattr(stages, "streaming_io", lambda model, save: seen.append(save) or real(model, save))
+    out = tmp_path / "out"
+    execute(pipeline(tiny_dir, text, engine={"stream": True}, save={"path": str(out)}), pipeline="p", progress=False)
+    assert seen == [str(out)] and (out / "config.json").is_file() and not (tmp_path / "out.partial").exists()
+    result = execute(pipeline(tiny_dir, text, engine={"stream": True}), pipeline="p", progress=False)
+    assert seen[-1] is None and result.saved is None
+    assert list((tmp_path / "cache" / "streamed").iterdir()) == []  # the staged shards are removed after the run

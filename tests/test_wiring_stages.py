@@ -198,3 +198,38 @@ def test_a_save_that_fails_says_what_happened_to_the_folder(monkeypatch, tmp_pat
     with pytest.raises(OutputError) as err:
         stages.save(None, SaveSpec(path=str(tmp_path / "o")), {}, None)
     assert str(err.value) == message.format(path=tmp_path / "o")
+
+
+def test_load_hands_the_loader_every_model_option(monkeypatch):
+    from wanda_pipeline.config import ModelSpec
+
+    seen = {}
+    monkeypatch.setattr(stages, "load_model", lambda *a, **k: seen.update(args=a, kwargs=k) or ("M", "T", "I"))
+    spec = ModelSpec(source="org/m", dtype="bfloat16", trust_remote_code=True, revision="abc123")
+    assert stages.load(spec, stream=True) == stages.Loaded("M", "T", "I")
+    assert seen == {"args": ("org/m", "bfloat16", True, "abc123"), "kwargs": {"stream": True}}
+
+
+def test_build_plugins_keeps_every_evaluator_and_collects_each_bad_plugin():
+    spec = PipelineSpec(model={"source": "m"}, pruner={"name": "wanda", "sparsity": 0.3},
+                        quantizer={"name": "rtn", "bits": 8, "group_size": 32},
+                        evaluators=[{"name": "sparsity"}, {"name": "perplexity", "windows": 2},
+                                    {"name": "perplexity", "windows": 3}])
+    plugins = stages.build_plugins(spec, discover())
+    assert list(plugins.evaluators) == ["sparsity", "perplexity", "perplexity_2"]
+    assert plugins.evaluators["perplexity_2"].config.windows == 3 and plugins.quantizer.config.bits == 8
+    assert plugins.pruner.config.sparsity == 0.3
+    bad = PipelineSpec(model={"source": "m"}, pruner={"name": "wanda", "sparsity": 0.3, "nonsense": 1},
+                       quantizer={"name": "rtn", "bits": 3}, evaluators=[{"name": "sparsity"}])
+    problems = []
+    plugins = stages.build_plugins(bad, discover(), problems)
+    assert plugins.pruner is None and plugins.quantizer is None and list(plugins.evaluators) == ["sparsity"]
+    assert len(problems) == 2 and all("nonsense" in str(problems[0]) and str(p) for p in problems)
+    with pytest.raises(Exception, match="nonsense"):
+        stages.build_plugins(bad, discover())  # without a list: the first problem stops it
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_make_engine_passes_the_progress_choice(progress):
+    assert stages.make_engine(EngineSpec(), progress).progress is progress
+    assert stages.make_engine(EngineSpec()).progress is True
