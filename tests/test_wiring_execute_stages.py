@@ -178,3 +178,53 @@ def test_a_streamed_run_stages_next_to_its_save_folder_or_in_the_cache_and_clean
     result = execute(pipeline(tiny_dir, text, engine={"stream": True}), pipeline="p", progress=False)
     assert seen[-1] is None and result.saved is None
     assert list((tmp_path / "cache" / "streamed").iterdir()) == []  # the staged shards are removed after the run
+
+
+def test_what_a_quantized_run_reports_logs_and_saves(tiny_dir, text, tmp_path):
+    from tests.fake_registry import FakeClient, RecordingTracker
+    from wanda_pipeline.models import state_digest
+    from wanda_pipeline.per_example import ARTIFACT, DENSE_ARTIFACT
+
+    ppl = {"name": "perplexity", "path": str(text), "seqlen": 16, "windows": 2}
+    out = tmp_path / "out"
+    spec = pipeline(tiny_dir, text, quantizer=RTN, dense_baseline=True, evaluators=[ppl, {"name": "sparsity"}],
+                    save={"path": str(out)}, register={"enabled": False})
+    tracker = RecordingTracker(FakeClient())
+    result = execute(spec, pipeline="p", tracker=tracker, progress=False)
+    m = result.metrics
+    assert {"quant_bits_per_weight", "quant_model_bytes", "quant_dense_model_bytes", "quant_zeros_kept",
+            "quant_seconds"} <= set(m) and m["quant_bits_per_weight"] > 8 and m["quant_zeros_kept"] > 0
+    assert m["quant_model_bytes"] < m["quant_dense_model_bytes"]
+    key = next(k for k in result.dense if k.startswith("ppl_") and k.count("_") == 1)
+    assert [k for k in m if k.endswith("_vs_dense")] == [f"{key}_vs_dense"]  # no ratio of two intervals
+    assert not any(k.startswith("sparsity_block_") for k in m) and set(result.protocols) == {"perplexity",
+                                                                                               "sparsity"}
+    assert {"time_preflight_s", "time_evaluate_dense_s", "time_quantize_s"} <= set(m) and m["peak_rss_bytes"] > 0
+    assert result.weights_digest == state_digest(stages.load(spec.model.model_copy(update={"source": str(out)})).model)
+    provenance = json.loads((out / "wanda_provenance.json").read_text())
+    assert provenance["dense"] == result.dense and provenance["block_target_sparsity"] == result.block_targets
+    logged = [a[0] for a in tracker.logged["log_metrics"]]
+    blocks = {k: v for k, v in logged[0].items() if k.startswith("sparsity_block_")}
+    assert sorted(blocks) == ["sparsity_block_000", "sparsity_block_001"]  # MLflow gets each block's sparsity
+    assert {k: v for k, v in logged[0].items() if k not in blocks} == {
+        k: v for k, v in m.items() if not k.startswith(("time_", "peak_rss"))}
+    assert logged[-1] == {k: v for k, v in m.items() if k.startswith("time_") or k == "peak_rss_bytes"}
+    assert {name for _, name in tracker.logged["log_dict"]} >= {ARTIFACT, DENSE_ARTIFACT}
+    assert {"weights_digest": result.weights_digest} in [a[0] for a in tracker.logged["set_tags"]]
+
+
+@pytest.mark.parametrize("fields, given, dense_run", [
+    ({"dense_baseline": True}, None, False),  # only the sparsity report: nothing to compare
+    ({"dense_baseline": True, "evaluators": "ppl"}, None, True),
+    ({"dense_baseline": True, "evaluators": "ppl"}, {"ppl_x": 2.0}, False),  # a sweep hands its baseline in
+    ({"dense_baseline": False, "evaluators": "ppl"}, None, False),
+])
+def test_the_dense_baseline_runs_only_when_asked_needed_and_not_given(tiny_dir, text, fields, given, dense_run):
+    if fields.get("evaluators") == "ppl":
+        fields = {**fields, "evaluators": [{"name": "perplexity", "path": str(text), "seqlen": 16, "windows": 2}]}
+    keys = Keys()
+    result = execute(pipeline(tiny_dir, text, **fields), pipeline="p", run_stage=keys, progress=False,
+                     dense_metrics=given)
+    assert ("evaluate-dense" in keys.keys) is dense_run
+    if given:
+        assert result.dense == given
