@@ -66,10 +66,15 @@ def main() -> None:
                    help="rows every other row is compared with, example by example")
     p.add_argument("--tag", default="methods")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the saved .json")
+    p.add_argument("--note", help="a sentence printed under the settings (e.g. what disturbed the timings)")
     args = p.parse_args()
     if args.render_only:
         out = Path(__file__).parent / "results"
-        render(json.loads((out / f"{args.tag}.json").read_text()), out / f"{args.tag}.md")
+        record = json.loads((out / f"{args.tag}.json").read_text())
+        if args.note:
+            record["settings"]["note"] = args.note
+            (out / f"{args.tag}.json").write_text(json.dumps(record, indent=2))
+        render(record, out / f"{args.tag}.md")
         return
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +175,7 @@ def render(record: dict, path: Path) -> None:
              f"for every row). Perplexity: first {a['eval_windows']} WikiText-2 test windows of {a['eval_seqlen']}. "
              f"Zero-shot: first {a['zeroshot_limit'] or 'all'} examples of each task, 0-shot, acc. "
              f"± is the 95% interval (perplexity: bootstrap over windows; accuracy: 1.96 x lm-eval's stderr).", "",
+             *([a["note"], ""] if a.get("note") else []),
              "| method | sparsity | WikiText-2 ppl | x dense | 7-task mean | " + " | ".join(heads)
              + " | prune s | eval s |",
              "|---" * (7 + len(tasks)) + "|"]
